@@ -1,0 +1,95 @@
+"""Image files in and out: the img2img input (checked before it is decoded) and the output files, each
+carrying its generation settings as JSON in the EXIF ImageDescription tag (one reader for every format)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .inputs import InputError
+
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+MAX_INPUT_PIXELS = 4096 * 4096
+EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_SOFTWARE = 0x0131
+EXIF_ORIENTATION = 0x0112
+SOFTWARE = "fast-sd-cog"
+PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+def input_image_size(path) -> tuple[int, int]:
+    """The img2img input's upright (width, height), from its header alone: limits are checked before any
+    pixel is decoded."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES:
+        raise InputError(f"image: the file is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB")
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"image: {path.name} is not a readable image file (PNG, JPEG, WebP, ...): {e}") from None
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(f"image: {w}x{h} is too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels "
+                         f"(e.g. 4096x4096)")
+    return (h, w) if rotated else (w, h)
+
+
+def open_input_image(path) -> Image.Image:
+    """The img2img input as upright RGB."""
+    input_image_size(path)
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
+        raise InputError(f"image: {Path(path).name} could not be decoded: {e}") from None
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale and centre-crop to exactly width x height, keeping the aspect ratio (no stretching)."""
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+
+
+def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings: dict) -> Path:
+    """Write `image` as `fmt` with `settings` embedded; returns the path written."""
+    exif = Image.Exif()
+    # ASCII-only JSON: the EXIF ASCII type cannot carry other bytes.
+    exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(settings, ensure_ascii=True, sort_keys=True)
+    exif[EXIF_SOFTWARE] = SOFTWARE
+    options: dict = {"exif": exif.tobytes()}
+    if fmt in ("webp", "jpg"):
+        options["quality"] = quality
+    if fmt == "webp":
+        options["method"] = 4  # libwebp's default trade-off; 6 is ~2x slower for a few % size
+    if fmt == "png":
+        options["compress_level"] = 1  # PNG is lossless either way; level 1 is ~5x faster than 6
+    tmp = path.with_name(path.name + ".part")
+    image.save(tmp, PIL_FORMATS[fmt], **options)
+    os.replace(tmp, path)
+    return path
+
+
+def read_settings(path) -> dict:
+    """The generation settings embedded by save_image."""
+    with Image.open(path) as image:
+        return json.loads(image.getexif()[EXIF_IMAGE_DESCRIPTION])
+
+
+def new_output_dir(root: Path | None = None, keep_seconds: float = 3600) -> Path:
+    """A fresh folder for one prediction's files. Folders of earlier predictions are removed once older than
+    `keep_seconds` (the server has long finished sending them), so a long-running server does not fill its disk."""
+    root = Path(root or Path(tempfile.gettempdir()) / "fast-sd-outputs")
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old.is_dir() and time.time() - old.stat().st_mtime > keep_seconds:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))

@@ -1,0 +1,184 @@
+"""Validation of prediction inputs against the mode table.
+
+Cog checks inputs against its schema only when the built image carries one, so every value can arrive
+here unchecked: each check names the input, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from .modes import DEFAULT_MODE, MODES, Mode
+
+OUTPUT_FORMATS = ("webp", "jpg", "png")
+SIZE_RANGE = (256, 2048)
+NUM_OUTPUTS_RANGE = (1, 8)
+QUALITY_RANGE = (1, 100)
+STRENGTH_RANGE = (0.02, 1.0)
+SEED_RANGE = (0, 2**32 - 1)
+MAX_PROMPT_CHARS = 10_000
+# LCMScheduler's distillation schedule has this many steps; img2img picks its steps from its first
+# `strength` fraction (the LCM pipeline) or from a full schedule (the LCM-LoRA pipelines).
+LCM_ORIGINAL_STEPS = 50
+
+
+class InputError(ValueError):
+    """A prediction input is invalid; the message names the input, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Request:
+    mode: Mode
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_outputs: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    image_path: str | None
+    strength: float
+    output_format: str
+    output_quality: int
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i uses seed + i (wrapping at 2**32, so every reported seed is a valid input)."""
+        return [(self.seed + i) % 2**32 for i in range(self.num_outputs)]
+
+    @property
+    def schedule(self) -> tuple[int, int]:
+        """(steps the scheduler is set to, denoising steps that run) for this request."""
+        return denoising_schedule(self.mode, self.num_inference_steps, self.strength if self.image_path else 1.0)
+
+
+def denoising_schedule(mode: Mode, steps: int, strength: float) -> tuple[int, int]:
+    """How img2img turns (steps, strength) into work, without ever running zero steps.
+
+    The LCM pipeline picks all `steps` from the first `strength` fraction of its 50-step distillation
+    schedule, so at most int(50 * strength) steps exist. The other pipelines run the last
+    int(steps * strength) steps of a `steps`-long schedule; where that is < 1, the schedule is lengthened
+    to the shortest one in which exactly one step runs, at the noise level `strength` asks for.
+    """
+    if mode.family == "lcm":
+        runs = max(1, min(steps, int(LCM_ORIGINAL_STEPS * strength)))
+        return runs, runs
+    scheduled = steps
+    while int(scheduled * strength) < 1:
+        scheduled = max(scheduled + 1, math.ceil(1 / strength))
+    return scheduled, min(int(scheduled * strength), scheduled)
+
+
+def _integer(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise InputError(f"{name}: {value!r} is not a whole number; allowed: {lo} to {hi}")
+    if not lo <= value <= hi:
+        raise InputError(f"{name}: {int(value)} is out of range; allowed: {lo} to {hi}")
+    return int(value)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name}: {value!r} is not a finite number")
+    return float(value)
+
+
+def _size(name: str, value) -> int:
+    size = _integer(name, value, *SIZE_RANGE)
+    if size % 8:
+        raise InputError(f"{name}: {size} is not a multiple of 8; allowed: multiples of 8 from {SIZE_RANGE[0]} to "
+                         f"{SIZE_RANGE[1]}")
+    return size
+
+
+def _text(name: str, value, required: bool) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise InputError(f"{name}: must not be empty")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{name}: {value!r} is not text")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InputError(f"{name}: {len(value)} characters is too long; allowed: up to {MAX_PROMPT_CHARS}")
+    return value
+
+
+def resolve_mode(name, enabled: tuple[str, ...]) -> Mode:
+    if name not in MODES:
+        raise InputError(f"mode: {name!r} is not a mode; allowed: {', '.join(MODES)}")
+    if name not in enabled:
+        raise InputError(f"mode: {name!r} is not enabled on this server (ENABLED_MODES); "
+                         f"enabled: {', '.join(enabled)}")
+    return MODES[name]
+
+
+def fit_to_area(width: int, height: int, area: int) -> tuple[int, int]:
+    """The size with the aspect ratio of width x height and about `area` pixels, in multiples of 8."""
+    scale = math.sqrt(area / (width * height))
+    lo, hi = SIZE_RANGE
+    return tuple(min(hi, max(lo, round(side * scale / 8) * 8)) for side in (width, height))
+
+
+def resolve_request(
+    *,
+    enabled: tuple[str, ...],
+    prompt,
+    mode=None,
+    negative_prompt=None,
+    width=None,
+    height=None,
+    num_outputs=1,
+    num_inference_steps=None,
+    guidance_scale=None,
+    seed=None,
+    image=None,
+    image_size: tuple[int, int] | None = None,
+    strength=0.5,
+    output_format="webp",
+    output_quality=80,
+) -> Request:
+    """Check every input and fill in the mode's defaults. `image_size` is the input image's (w, h)."""
+    m = resolve_mode(DEFAULT_MODE if mode is None else mode, enabled)
+    prompt = _text("prompt", prompt, required=True)
+    negative_prompt = _text("negative_prompt", negative_prompt, required=False)
+
+    if width is None or height is None:
+        default_w, default_h = (fit_to_area(*image_size, m.default_size**2) if image_size
+                                else (m.default_size, m.default_size))
+        width = default_w if width is None else width
+        height = default_h if height is None else height
+    width, height = _size("width", width), _size("height", height)
+
+    steps = m.steps_default if num_inference_steps is None else num_inference_steps
+    lo, hi = m.steps_range
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or not lo <= steps <= hi:
+        raise InputError(f"num_inference_steps: {steps!r} is not allowed for mode {m.name}; allowed: {lo} to {hi}")
+    guidance = m.guidance_default if guidance_scale is None else _number("guidance_scale", guidance_scale)
+    if not m.guidance_allowed(guidance):
+        raise InputError(f"guidance_scale: {guidance:g} is not allowed for mode {m.name}; "
+                         f"allowed: {m.describe_guidance()}")
+
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output_format: {output_format!r} is not a format; allowed: {', '.join(OUTPUT_FORMATS)}")
+    strength = _number("strength", strength)
+    if not STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]:
+        raise InputError(f"strength: {strength:g} is out of range; allowed: {STRENGTH_RANGE[0]:g} to "
+                         f"{STRENGTH_RANGE[1]:g}")
+    return Request(
+        mode=m,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_outputs=_integer("num_outputs", num_outputs, *NUM_OUTPUTS_RANGE),
+        num_inference_steps=int(steps),
+        guidance_scale=guidance,
+        seed=secrets.randbits(32) if seed is None else _integer("seed", seed, *SEED_RANGE),
+        image_path=None if image is None else str(image),
+        strength=strength,
+        output_format=output_format,
+        output_quality=_integer("output_quality", output_quality, *QUALITY_RANGE),
+    )

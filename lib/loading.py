@@ -1,0 +1,201 @@
+"""Build each mode's pipelines from a local weights directory in the Hub layout.
+
+Components are loaded one by one (not with DiffusionPipeline.from_pretrained) so that
+- every component gets an explicit dtype (transformers 5 otherwise follows each config's dtype),
+- components that are the same files are loaded once and shared between modes, and
+- only what the engine runs is loaded (no safety checker or feature extractor).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+
+from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, Mode, Repo
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+# Config keys that record provenance only; two configs differing in these describe the same module.
+PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "dtype",
+                   "torch_dtype")
+
+
+class WeightsMissingError(RuntimeError):
+    """The weights directory lacks files a mode needs."""
+
+
+@dataclass
+class LoadedMode:
+    mode: Mode
+    txt2img: diffusers.DiffusionPipeline
+    img2img: diffusers.DiffusionPipeline
+
+
+def choose_device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """CUDA runs fp16, the CPU fp32 (fp16 on CPU is unusably slow); MODEL_DEVICE / MODEL_DTYPE override."""
+    device = torch.device(os.environ.get("MODEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = "float16" if device.type == "cuda" else "float32"
+    name = os.environ.get("MODEL_DTYPE") or default
+    if name not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"MODEL_DTYPE: {name!r} is not a dtype; allowed: float16, bfloat16, float32")
+    return device, getattr(torch, name)
+
+
+def repo_dir(weights_dir: Path, repo: Repo) -> Path:
+    return Path(weights_dir) / repo.repo_id
+
+
+def weight_file(repo: Repo, component: str, library: str) -> str:
+    suffix = f".{repo.variant}.safetensors" if repo.variant else ".safetensors"
+    return f"{component}/{WEIGHT_FILES[library]}{suffix}"
+
+
+def required_files(repo: Repo) -> list[str]:
+    """Files (relative to the repo) that loading `repo` reads, from its model_index.json's component list."""
+    if not repo.components:
+        return [LORA_WEIGHT_NAME]
+    files = ["model_index.json"]
+    for component in repo.components:
+        if component == "scheduler":
+            files.append("scheduler/scheduler_config.json")
+        elif component.startswith("tokenizer"):
+            files += [f"{component}/{name}" for name in
+                      ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")]
+        else:
+            library = "transformers" if component.startswith("text_encoder") else "diffusers"
+            files += [f"{component}/config.json", weight_file(repo, component, library)]
+    return files
+
+
+def check_present(weights_dir: Path, mode_names) -> None:
+    """Fail with one message listing every missing file, before any loading starts."""
+    missing = []
+    for name in mode_names:
+        for repo in MODES[name].repos:
+            missing += [f"{repo.repo_id}/{f}" for f in required_files(repo)
+                        if not (repo_dir(weights_dir, repo) / f).is_file()]
+    if missing:
+        shown = "\n  ".join(sorted(set(missing))[:20])
+        more = f"\n  ... and {len(set(missing)) - 20} more" if len(set(missing)) > 20 else ""
+        raise WeightsMissingError(
+            f"weights missing in {Path(weights_dir).resolve()} for modes {', '.join(mode_names)}:\n  {shown}{more}\n"
+            "Fetch them with `python scripts/weights.py fetch` (needs access to the Hugging Face Hub or a mirror "
+            "set in WEIGHTS_BASE_URL), or try the package offline on tiny random models: "
+            "`python scripts/make_tiny_weights.py /tmp/tiny && WEIGHTS_DIR=/tmp/tiny ...`."
+        )
+
+
+class ComponentLoader:
+    """Loads components, handing out the same module for components stored in the same files."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._loaded: dict[tuple, object] = {}
+        self._canonical: dict[tuple[int, int], tuple[int, int]] = {}
+        self._seen: dict[tuple[int, int], tuple[Path, int]] = {}
+
+    def load(self, repo_path: Path, repo: Repo, component: str, library: str, class_name: str, lora=None):
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        if component == "scheduler":  # stateful during a run: every pipeline gets its own
+            return cls.from_pretrained(repo_path, subfolder=component)
+        if component.startswith("tokenizer"):
+            key: tuple = (repo.repo_id, component)
+        else:  # the UNet a LoRA is fused into is that mode's own
+            key = (class_name, self._config(repo_path / component), self._digest(
+                repo_path / weight_file(repo, component, library)), lora)
+        if key in self._loaded:
+            log.info("%s/%s: sharing the identical component already loaded", repo.repo_id, component)
+            return self._loaded[key]
+        if component.startswith("tokenizer"):
+            module = cls.from_pretrained(repo_path, subfolder=component)
+        else:
+            module = cls.from_pretrained(repo_path, subfolder=component, variant=repo.variant, dtype=self.dtype)
+            module.to(self.device).eval().requires_grad_(False)
+        self._loaded[key] = module
+        return module
+
+    @staticmethod
+    def _config(folder: Path) -> str:
+        config = json.loads((folder / "config.json").read_text())
+        return json.dumps({k: v for k, v in config.items() if k not in PROVENANCE_KEYS}, sort_keys=True)
+
+    def _digest(self, path: Path) -> tuple[int, int]:
+        """Content identity of a weight file: the inode of the first file seen with the same bytes.
+
+        Hard links (the cache stores equal files once) match by inode for free; otherwise files of equal
+        size are compared by sha256, so only real candidates (e.g. the two SDXL text encoders) are hashed.
+        """
+        st = path.stat()
+        inode = (st.st_dev, st.st_ino)
+        if inode not in self._canonical:
+            self._canonical[inode] = inode
+            for other, (other_path, size) in self._seen.items():
+                if size == st.st_size and _sha256(other_path) == _sha256(path):
+                    self._canonical[inode] = self._canonical[other]
+                    break
+            self._seen[inode] = (path, st.st_size)
+        return self._canonical[inode]
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedMode:
+    path = repo_dir(weights_dir, mode.repo)
+    index = json.loads((path / "model_index.json").read_text())
+    components = {}
+    for component in mode.repo.components:
+        library, class_name = index[component]
+        if component == "scheduler" and mode.scheduler:
+            class_name = mode.scheduler  # keeps the repo's betas and spacing config
+        lora = mode.lora.repo_id if mode.lora and component == "unet" else None
+        components[component] = loader.load(path, mode.repo, component, library, class_name, lora)
+
+    vae = components["vae"]
+    if vae.config.force_upcast and loader.dtype == torch.float16:
+        # The SDXL VAE overflows in fp16 (its config forces an fp32 decode); keep it in fp32 for good.
+        vae.to(torch.float32)
+
+    txt2img_name, img2img_name = PIPELINE_CLASSES[mode.family]
+    txt2img_cls = getattr(diffusers, txt2img_name)
+    accepted = inspect.signature(txt2img_cls.__init__).parameters
+    extras = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+              "requires_safety_checker": False,
+              "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    txt2img = txt2img_cls(**components, **{k: v for k, v in extras.items() if k in accepted})
+    txt2img.set_progress_bar_config(disable=True)
+    if mode.lora:
+        fuse_lora(txt2img, repo_dir(weights_dir, mode.lora))
+    img2img = getattr(diffusers, img2img_name).from_pipe(txt2img)  # same modules, no second copy
+    img2img.set_progress_bar_config(disable=True)
+    return LoadedMode(mode, txt2img, img2img)
+
+
+def fuse_lora(pipe, lora_dir: Path) -> None:
+    """Fuse the LCM-LoRA into the UNet: LCM speed with no LoRA cost per step."""
+    pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+    pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
+
+
+def load_modes(weights_dir: Path, mode_names, device: torch.device, dtype: torch.dtype) -> dict[str, LoadedMode]:
+    check_present(weights_dir, mode_names)
+    loader = ComponentLoader(device, dtype)
+    return {name: load_mode(loader, weights_dir, MODES[name]) for name in mode_names}

@@ -1,0 +1,37 @@
+"""Running the Cog Predictor in-process, as `cog predict` would: Input() defaults filled in and
+command-line values (`-i key=value`, `-i image=@file.png`) converted to the declared types."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+from cog.input import FieldInfo
+
+
+def _target_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+
+
+def run_inputs(runner, raw: dict[str, str] | None = None, **values) -> dict:
+    """Keyword arguments for runner.run(): `values` as given, `raw` strings converted, defaults filled."""
+    params = inspect.signature(runner.run).parameters
+    unknown = set(raw or {}) | set(values)
+    unknown -= set(params)
+    if unknown:
+        raise ValueError(f"unknown input(s): {', '.join(sorted(unknown))}; allowed: {', '.join(params)}")
+    kwargs = {}
+    for name, param in params.items():
+        if name in values:
+            kwargs[name] = values[name]
+        elif raw and name in raw:
+            text = raw[name]
+            target = _target_type(param.annotation)
+            if text.startswith("@"):
+                text = text[1:]
+            kwargs[name] = text if target is str else target(text)
+        else:
+            default = param.default
+            kwargs[name] = default.default if isinstance(default, FieldInfo) else default
+    return kwargs

@@ -1,0 +1,57 @@
+"""Cog adapter: declares the inputs and hands them to the engine in lib/."""
+
+import logging
+import sys
+from typing import Iterator, Optional
+
+from cog import BaseRunner, Input, Path
+
+from lib import inputs
+from lib.engine import Engine
+from lib.images import new_output_dir
+from lib.modes import DEFAULT_MODE, MODES
+
+MODE_HELP = "; ".join(f"{m.name}: {m.summary}" for m in MODES.values())
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+        self.engine = Engine.from_env()
+
+    def run(
+        self,
+        prompt: str = Input(description="What to draw"),
+        negative_prompt: Optional[str] = Input(
+            default=None, description="What to keep out; acts only where classifier-free guidance runs "
+            "(LCM-LoRA modes at guidance_scale > 1); elsewhere ignored with a note in the logs"),
+        mode: str = Input(default=DEFAULT_MODE, choices=list(MODES), description=MODE_HELP),
+        width: Optional[int] = Input(default=None, ge=inputs.SIZE_RANGE[0], le=inputs.SIZE_RANGE[1],
+                                     description="Multiple of 8; default: the mode's size (img2img: the input "
+                                     "image's aspect ratio at the mode's pixel count)"),
+        height: Optional[int] = Input(default=None, ge=inputs.SIZE_RANGE[0], le=inputs.SIZE_RANGE[1],
+                                      description="Multiple of 8; default as width"),
+        num_outputs: int = Input(default=1, ge=inputs.NUM_OUTPUTS_RANGE[0], le=inputs.NUM_OUTPUTS_RANGE[1],
+                                 description="Number of images"),
+        num_inference_steps: Optional[int] = Input(
+            default=None, ge=1, le=8, description="Denoising steps; default and range per mode: sdxl-turbo, "
+            "sd-turbo 1 (1-4); lcm 4 (1-8); lcm-lora-* 4 (2-8)"),
+        guidance_scale: Optional[float] = Input(
+            default=None, ge=0, le=15, description="Default and allowed per mode: turbo modes 0 (only 0); lcm 8 "
+            "(1-15, an embedding); lcm-lora-* 1 (0 or 1-2)"),
+        seed: Optional[int] = Input(default=None, ge=inputs.SEED_RANGE[0], le=inputs.SEED_RANGE[1],
+                                    description="Random if not set; image i uses seed + i"),
+        image: Optional[Path] = Input(default=None, description="Input image: turns the prediction into img2img"),
+        strength: float = Input(default=0.5, ge=inputs.STRENGTH_RANGE[0], le=inputs.STRENGTH_RANGE[1],
+                                description="img2img: how much to change the image (1 = entirely). At least one "
+                                "denoising step always runs (see README)"),
+        output_format: str = Input(default="webp", choices=list(inputs.OUTPUT_FORMATS), description="File format"),
+        output_quality: int = Input(default=80, ge=inputs.QUALITY_RANGE[0], le=inputs.QUALITY_RANGE[1],
+                                    description="webp/jpg quality; png is lossless"),
+    ) -> Iterator[Path]:
+        request = self.engine.request(
+            prompt=prompt, negative_prompt=negative_prompt, mode=mode, width=width, height=height,
+            num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, image=image, strength=strength, output_format=output_format, output_quality=output_quality)
+        for output in self.engine.run(request, new_output_dir(), self.record_metric):
+            yield Path(output.path)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One prediction, files written to ./outputs (or -o DIR) and their paths printed.
+# With the cog CLI and a running Docker it is `cog predict` (GPU box); otherwise the same Predictor
+# runs in-process in a local .venv. `--tiny` always runs in-process on tiny random weights (offline check).
+#   scripts/predict.sh -i prompt="a lighthouse at dusk" -i mode=sd-turbo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ " $* " != *" --tiny "* ]] && command -v cog >/dev/null && docker info >/dev/null 2>&1; then
+  exec cog predict "$@"
+fi
+scripts/setup_env.sh
+exec .venv/bin/python scripts/predict.py "$@"
