@@ -13,7 +13,7 @@ import torch
 
 from . import images, vae
 from .inputs import InputError, Request, resolve_request
-from .loading import choose_device_and_dtype, load_modes
+from .loading import LoadedMode, choose_device_and_dtype, load_modes
 from .modes import MODES
 
 log = logging.getLogger(__name__)
@@ -58,19 +58,23 @@ class Stopwatch:
 
 
 class Engine:
-    def __init__(self, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None):
+    def __init__(self, modes: dict[str, LoadedMode], device: torch.device, dtype: torch.dtype):
+        self.modes, self.device, self.dtype = modes, device, dtype
+        self.enabled = tuple(modes)
+
+    @classmethod
+    def load(cls, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None) -> Engine:
         default_device, default_dtype = choose_device_and_dtype()
-        self.device, self.dtype = device or default_device, dtype or default_dtype
-        self.weights_dir = Path(weights_dir)
-        self.enabled = tuple(mode_names)
+        device, dtype = device or default_device, dtype or default_dtype
         started = time.perf_counter()
-        self.modes = load_modes(self.weights_dir, self.enabled, self.device, self.dtype)
-        log.info("loaded %s on %s (%s) in %.1f s", ", ".join(self.enabled), self.device,
-                 str(self.dtype).removeprefix("torch."), time.perf_counter() - started)
+        modes = load_modes(Path(weights_dir), tuple(mode_names), device, dtype)
+        log.info("loaded %s on %s (%s) in %.1f s", ", ".join(mode_names), device, str(dtype).removeprefix("torch."),
+                 time.perf_counter() - started)
+        return cls(modes, device, dtype)
 
     @classmethod
     def from_env(cls) -> Engine:
-        return cls(Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env())
+        return cls.load(Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env())
 
     def request(self, **inputs) -> Request:
         """Validate raw inputs (including reading the input image's size) into a Request."""

@@ -24,6 +24,12 @@ import transformers
 from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, Mode, Repo
 
 log = logging.getLogger(__name__)
+# Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+# diffusers warns on every dtype cast inside from_pretrained, even with nothing to keep in fp32 ("[]").
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
 
 WEIGHT_FILES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 # Config keys that record provenance only; two configs differing in these describe the same module.
@@ -168,21 +174,26 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
         lora = mode.lora.repo_id if mode.lora and component == "unet" else None
         components[component] = loader.load(path, mode.repo, component, library, class_name, lora)
 
+    pipes = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True), loader.dtype)
+    if mode.lora:
+        fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.lora))
+    return pipes
+
+
+def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool, dtype: torch.dtype) -> LoadedMode:
+    """The mode's txt2img and img2img pipelines around already-built components (loaded, or random ones
+    built from configs by the benchmark)."""
     vae = components["vae"]
-    if vae.config.force_upcast and loader.dtype == torch.float16:
+    if vae.config.force_upcast and dtype == torch.float16:
         # The SDXL VAE overflows in fp16 (its config forces an fp32 decode); keep it in fp32 for good.
         vae.to(torch.float32)
-
     txt2img_name, img2img_name = PIPELINE_CLASSES[mode.family]
     txt2img_cls = getattr(diffusers, txt2img_name)
     accepted = inspect.signature(txt2img_cls.__init__).parameters
     extras = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
-              "requires_safety_checker": False,
-              "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+              "requires_safety_checker": False, "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt}
     txt2img = txt2img_cls(**components, **{k: v for k, v in extras.items() if k in accepted})
     txt2img.set_progress_bar_config(disable=True)
-    if mode.lora:
-        fuse_lora(txt2img, repo_dir(weights_dir, mode.lora))
     img2img = getattr(diffusers, img2img_name).from_pipe(txt2img)  # same modules, no second copy
     img2img.set_progress_bar_config(disable=True)
     return LoadedMode(mode, txt2img, img2img)
@@ -190,7 +201,12 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
 
 def fuse_lora(pipe, lora_dir: Path) -> None:
     """Fuse the LCM-LoRA into the UNet: LCM speed with no LoRA cost per step."""
-    pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # else: a warning that the LoRA has no text-encoder keys
+    try:
+        pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)
     pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
 

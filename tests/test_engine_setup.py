@@ -53,14 +53,14 @@ def test_missing_weights_name_what_and_where(tmp_path, tiny_weights):
     shutil.copytree(tiny_weights / "stabilityai/sd-turbo", tmp_path / "stabilityai/sd-turbo")
     (tmp_path / "stabilityai/sd-turbo/unet/diffusion_pytorch_model.fp16.safetensors").unlink()
     with pytest.raises(WeightsMissingError) as err:
-        Engine(tmp_path, ("sd-turbo",))
+        Engine.load(tmp_path, ("sd-turbo",))
     message = str(err.value)
     assert "stabilityai/sd-turbo/unet/diffusion_pytorch_model.fp16.safetensors" in message
     assert str(tmp_path) in message and "make_tiny_weights" in message
 
 
 def test_only_enabled_modes_load_and_others_are_refused(tiny_weights):
-    engine = Engine(tiny_weights, ("sd-turbo",))
+    engine = Engine.load(tiny_weights, ("sd-turbo",))
     assert set(engine.modes) == {"sd-turbo"}
     with pytest.raises(InputError, match="mode: 'lcm' is not enabled"):
         engine.request(prompt="x", mode="lcm")
