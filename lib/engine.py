@@ -15,6 +15,7 @@ from . import images, vae
 from .inputs import InputError, Request, resolve_request
 from .loading import LoadedMode, choose_device_and_dtype, load_modes
 from .modes import MODES
+from .weights import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,12 @@ class Engine:
 
     @classmethod
     def from_env(cls) -> Engine:
-        return cls.load(Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env())
+        """setup(): make sure the enabled modes' weights are cached and verified, then load them.
+        WEIGHTS_OFFLINE=1 skips the manifest and any download and loads WEIGHTS_DIR as it is."""
+        weights_dir, names = Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env()
+        if os.environ.get("WEIGHTS_OFFLINE", "").lower() not in ("1", "true", "yes"):
+            ensure_weights(names, weights_dir, log=log.info)
+        return cls.load(weights_dir, names)
 
     def request(self, **inputs) -> Request:
         """Validate raw inputs (including reading the input image's size) into a Request."""

@@ -32,6 +32,7 @@ def main() -> int:
     if args.tiny:
         from scripts.make_tiny_weights import write_tiny_weights
 
+        os.environ["WEIGHTS_OFFLINE"] = "1"  # use the folder as it is: no manifest, no download
         os.environ["WEIGHTS_DIR"] = tiny_dir = tempfile.mkdtemp(prefix="tiny-weights-")
         write_tiny_weights(Path(tiny_dir))
 

@@ -28,8 +28,9 @@ def predictor(tiny_weights):
     """The project's Predictor after setup() on the tiny weights, every mode enabled."""
     from predict import Predictor
 
-    saved = {k: os.environ.get(k) for k in ("WEIGHTS_DIR", "ENABLED_MODES")}
+    saved = {k: os.environ.get(k) for k in ("WEIGHTS_DIR", "ENABLED_MODES", "WEIGHTS_OFFLINE")}
     os.environ["WEIGHTS_DIR"] = str(tiny_weights)
+    os.environ["WEIGHTS_OFFLINE"] = "1"  # the tiny files are not the manifest's
     os.environ.pop("ENABLED_MODES", None)
     p = Predictor()
     p.setup()
