@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import images, vae
 from .inputs import InputError, Request, resolve_request
@@ -27,6 +28,32 @@ class Output:
     path: Path
     seed: int
     settings: dict
+
+
+@dataclass
+class Job:
+    request: Request
+    out_dir: Path
+    record: Record
+    picture: Image.Image | None  # the img2img input, fitted to the output size
+    cancelled: bool = False  # set from another thread; the batch skips this job's remaining work
+
+
+class Cancelled(Exception):
+    """Every request of a running batch was canceled: the denoising loop stops early."""
+
+
+def uses_negative_prompt(request: Request) -> bool:
+    return request.negative_prompt is not None and request.mode.negative_prompt_has_effect(request.guidance_scale)
+
+
+def batch_key(request: Request) -> tuple:
+    """Requests with equal keys can share one pipeline call: everything that shapes the computation but the
+    prompts, seeds and output settings. Whether a negative prompt acts is part of it, since a CFG batch
+    either has negative prompts for every image or for none."""
+    return (request.mode.name, request.width, request.height, request.num_inference_steps, request.guidance_scale,
+            request.image_path is not None, request.strength if request.image_path else None,
+            uses_negative_prompt(request))
 
 
 def enabled_modes_from_env() -> tuple[str, ...]:
@@ -88,54 +115,80 @@ class Engine:
         image_size = None if image is None else images.input_image_size(image)
         return resolve_request(enabled=self.enabled, image_size=image_size, **inputs)
 
-    def run(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Iterator[Output]:
-        """Generate request.num_outputs images; yields each file as soon as it is written."""
-        mode = request.mode
-        loaded = self.modes[mode.name]
-        scheduled, runs = request.schedule
-        record("seeds", request.seeds)
-        log.info("mode %s, %d image(s) %dx%d, %d step(s), guidance %g, seeds %s", mode.name, request.num_outputs,
-                 request.width, request.height, runs, request.guidance_scale, request.seeds)
-        negative = request.negative_prompt
-        if negative and not mode.negative_prompt_has_effect(request.guidance_scale):
-            log.warning("negative_prompt ignored: mode %s at guidance_scale %g runs without classifier-free "
-                        "guidance, where a negative prompt has no effect%s", mode.name, request.guidance_scale,
-                        "" if mode.guidance_embedded or mode.guidance_range is None
-                        else f" (use guidance_scale above 1, up to {mode.guidance_range[1]:g})")
-            negative = None
-
-        clock = Stopwatch(self.device)
-        timings: dict[str, float | list[float]] = {}
-        pipe = loaded.txt2img
-        kwargs: dict = {"height": request.height, "width": request.width}
+    def job(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Job:
+        """A request made ready to run, alone or in a batch: the img2img input is decoded and fitted here,
+        so that a bad file fails its own request only."""
+        picture = None
         if request.image_path:
             picture = images.fit_image(images.open_input_image(request.image_path), request.width, request.height)
+        return Job(request, Path(out_dir), record, picture)
+
+    def run(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Iterator[Output]:
+        """Generate request.num_outputs images; yields each file as soon as it is written."""
+        for _, output in self.run_batch([self.job(request, out_dir, record)]):
+            yield output
+
+    def run_batch(self, jobs: list[Job]) -> Iterator[tuple[Job, Output]]:
+        """Run jobs that share a batch_key as one pipeline call; yields (job, output) per image as it is written.
+        Each image depends only on its own seed and prompt, so a job's images are those of a solo run."""
+        first = jobs[0].request
+        assert all(batch_key(j.request) == batch_key(first) for j in jobs), "jobs of one batch must share a key"
+        mode, loaded = first.mode, self.modes[first.mode.name]
+        scheduled, runs = first.schedule
+        images_total = sum(j.request.num_outputs for j in jobs)
+        for job in jobs:
+            r = job.request
+            job.record("seeds", r.seeds)
+            job.record("batch.requests", len(jobs))
+            job.record("batch.images", images_total)
+            log.info("mode %s, %d image(s) %dx%d, %d step(s), guidance %g, seeds %s%s", mode.name, r.num_outputs,
+                     r.width, r.height, runs, r.guidance_scale, r.seeds,
+                     f" (in a batch of {len(jobs)} requests)" if len(jobs) > 1 else "")
+            if r.negative_prompt and not uses_negative_prompt(r):
+                log.warning("negative_prompt ignored: mode %s at guidance_scale %g runs without classifier-free "
+                            "guidance, where a negative prompt has no effect%s", mode.name, r.guidance_scale,
+                            "" if mode.guidance_embedded or mode.guidance_range is None
+                            else f" (use guidance_scale above 1, up to {mode.guidance_range[1]:g})")
+
+        clock = Stopwatch(self.device)
+        shared: dict[str, float | list[float]] = {}
+        pipe = loaded.txt2img
+        kwargs: dict = {"height": first.height, "width": first.width}
+        if first.image_path:
             pipe = loaded.img2img
-            kwargs = {"image": vae.encode(pipe.vae, picture, self.dtype), "strength": request.strength}
-            timings["vae_encode"] = clock.lap()
-        if negative:
-            kwargs["negative_prompt"] = negative
+            latents = [vae.encode(pipe.vae, j.picture, self.dtype).expand(j.request.num_outputs, -1, -1, -1)
+                       for j in jobs]
+            kwargs = {"image": torch.cat(latents), "strength": first.strength}
+            shared["vae_encode"] = clock.lap()
+        if uses_negative_prompt(first):
+            kwargs["negative_prompt"] = [j.request.negative_prompt for j in jobs for _ in j.request.seeds]
+        latents = self._denoise(pipe, jobs, scheduled, runs, kwargs, clock, shared)
 
-        latents = self._denoise(pipe, request, scheduled, runs, kwargs, clock, timings)
-        timings["vae_decode"] = timings["image_encoding"] = 0.0
-        for i, seed in enumerate(request.seeds):
-            clock.lap()
-            image = vae.decode(pipe.vae, latents[i: i + 1])[0]
-            timings["vae_decode"] += clock.lap()
-            settings = {"mode": mode.name, "model": mode.repo.repo_id, "prompt": request.prompt,
-                        "negative_prompt": negative, "seed": seed, "num_inference_steps": request.num_inference_steps,
-                        "denoising_steps": runs, "guidance_scale": request.guidance_scale,
-                        "width": request.width, "height": request.height,
-                        "strength": request.strength if request.image_path else None}
-            path = images.save_image(image, Path(out_dir) / f"out-{i}-{seed}.{request.output_format}",
-                                     request.output_format, request.output_quality, settings)
-            timings["image_encoding"] += clock.lap()
-            yield Output(path, seed, settings)
-        for stage, seconds in timings.items():
-            record(f"timings.{stage}", [round(s, 4) for s in seconds] if isinstance(seconds, list)
-                   else round(seconds, 4))
+        index = 0
+        for job in jobs:
+            r = job.request
+            timings = dict(shared, vae_decode=0.0, image_encoding=0.0)
+            for i, seed in enumerate(r.seeds):
+                clock.lap()
+                image = vae.decode(pipe.vae, latents[index: index + 1])[0]
+                index += 1
+                timings["vae_decode"] += clock.lap()
+                if job.cancelled:
+                    continue
+                settings = {"mode": mode.name, "model": mode.repo.repo_id, "prompt": r.prompt,
+                            "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None, "seed": seed,
+                            "num_inference_steps": r.num_inference_steps, "denoising_steps": runs,
+                            "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height,
+                            "strength": r.strength if r.image_path else None}
+                path = images.save_image(image, job.out_dir / f"out-{i}-{seed}.{r.output_format}",
+                                         r.output_format, r.output_quality, settings)
+                timings["image_encoding"] += clock.lap()
+                yield job, Output(path, seed, settings)
+            for stage, seconds in timings.items():
+                job.record(f"timings.{stage}", [round(s, 4) for s in seconds] if isinstance(seconds, list)
+                           else round(seconds, 4))
 
-    def _denoise(self, pipe, request: Request, scheduled: int, runs: int, kwargs: dict, clock: Stopwatch,
+    def _denoise(self, pipe, jobs: list[Job], scheduled: int, runs: int, kwargs: dict, clock: Stopwatch,
                  timings: dict) -> torch.Tensor:
         """Text encoding and the denoising loop, timed per stage and per step; returns the latents."""
         steps: list[float] = []
@@ -151,6 +204,8 @@ class Engine:
             clock.last = clock.now()  # denoising starts when the last text encoder finishes
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
+            if all(job.cancelled for job in jobs):
+                raise Cancelled("every request of this batch was canceled")
             steps.append(clock.lap())
             log.info("step %d/%d: %.0f ms", step + 1, runs, steps[-1] * 1000)
             return callback_kwargs
@@ -158,11 +213,10 @@ class Engine:
         hooks = [h for m in encoders for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
         try:
             result = pipe(
-                prompt=request.prompt,
-                num_images_per_prompt=request.num_outputs,
+                prompt=[j.request.prompt for j in jobs for _ in j.request.seeds],
                 num_inference_steps=scheduled,
-                guidance_scale=request.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in request.seeds],
+                guidance_scale=jobs[0].request.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.request.seeds],
                 output_type="latent",
                 callback_on_step_end=on_step_end,
                 **kwargs,
