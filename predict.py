@@ -2,11 +2,12 @@
 
 import logging
 import sys
-from typing import Iterator, Optional
+from typing import AsyncIterator, Optional
 
 from cog import BaseRunner, Input, Path
 
 from lib import inputs
+from lib.batcher import Batcher
 from lib.engine import Engine
 from lib.images import new_output_dir
 from lib.modes import DEFAULT_MODE, MODES
@@ -18,8 +19,9 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         self.engine = Engine.from_env()
+        self.batcher = Batcher(self.engine)
 
-    def run(
+    async def run(
         self,
         prompt: str = Input(description="What to draw"),
         negative_prompt: Optional[str] = Input(
@@ -48,10 +50,11 @@ class Predictor(BaseRunner):
         output_format: str = Input(default="webp", choices=list(inputs.OUTPUT_FORMATS), description="File format"),
         output_quality: int = Input(default=80, ge=inputs.QUALITY_RANGE[0], le=inputs.QUALITY_RANGE[1],
                                     description="webp/jpg quality; png is lossless"),
-    ) -> Iterator[Path]:
+    ) -> AsyncIterator[Path]:
         request = self.engine.request(
             prompt=prompt, negative_prompt=negative_prompt, mode=mode, width=width, height=height,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, image=image, strength=strength, output_format=output_format, output_quality=output_quality)
-        for output in self.engine.run(request, new_output_dir(), self.record_metric):
+        job = self.engine.job(request, new_output_dir(), self.record_metric)
+        async for output in self.batcher.submit(job):
             yield Path(output.path)

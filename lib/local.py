@@ -35,3 +35,13 @@ def run_inputs(runner, raw: dict[str, str] | None = None, **values) -> dict:
             default = param.default
             kwargs[name] = default.default if isinstance(default, FieldInfo) else default
     return kwargs
+
+
+def collect(runner, **kwargs) -> list:
+    """Drive runner.run(**kwargs) (an async generator of outputs) to the end, outside a Cog server."""
+    import asyncio
+
+    async def gather():
+        return [output async for output in runner.run(**kwargs)]
+
+    return asyncio.run(gather())

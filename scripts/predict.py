@@ -36,7 +36,7 @@ def main() -> int:
         os.environ["WEIGHTS_DIR"] = tiny_dir = tempfile.mkdtemp(prefix="tiny-weights-")
         write_tiny_weights(Path(tiny_dir))
 
-    from lib.local import run_inputs
+    from lib.local import collect, run_inputs
     from predict import Predictor
 
     predictor = Predictor()
@@ -50,7 +50,7 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for path in predictor.run(**run_inputs(predictor, raw)):
+        for path in collect(predictor, **run_inputs(predictor, raw)):
             target = out / Path(path).name
             shutil.move(path, target)
             print(target)

@@ -50,13 +50,13 @@ class Metrics(dict):
 @pytest.fixture
 def run(predictor):
     """run(**inputs) -> (list of output paths, metrics dict), through Predictor.run like Cog calls it."""
-    from lib.local import run_inputs
+    from lib.local import collect, run_inputs
 
     def _run(**inputs):
         metrics = Metrics()
         predictor.record_metric = metrics
         try:
-            paths = list(predictor.run(**run_inputs(predictor, **inputs)))
+            paths = collect(predictor, **run_inputs(predictor, **inputs))
         finally:
             del predictor.record_metric
         return paths, metrics

@@ -1,0 +1,112 @@
+"""Cross-request batching: concurrent predictions that can share one pipeline call run as one batch.
+
+Cog runs `async def run` predictions concurrently (COG_MAX_CONCURRENCY). Each one submits a Job here; a
+dispatcher waits a short window for others to arrive, then hands the oldest group of compatible jobs
+(same batch_key, up to a cap of images) to one worker thread, so the device runs one batch at a time while
+the event loop stays free. Requests that arrive while a batch runs form the next one.
+
+Cog routes logs and metrics by context variables, which a worker thread does not inherit: the batch runs
+in a copy of its first request's context (its logs go there), and each request's metrics are recorded in
+a copy of that request's own context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .engine import Cancelled, Engine, Job, Output, batch_key
+
+_DONE = object()
+
+
+@dataclass
+class _Entry:
+    job: Job
+    queue: asyncio.Queue
+    context: contextvars.Context
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+def _window_from_env() -> float:
+    # Batching needs concurrent requests; with one slot a window would only add latency.
+    if int(os.environ.get("COG_MAX_CONCURRENCY", "1")) <= 1:
+        return 0.0
+    return float(os.environ.get("BATCH_WINDOW_MS", "5")) / 1000
+
+
+class Batcher:
+    def __init__(self, engine: Engine, window: float | None = None, max_images: int | None = None):
+        self.engine = engine
+        self.window = _window_from_env() if window is None else window
+        self.max_images = max_images or int(os.environ.get("BATCH_MAX_IMAGES", "16"))
+        self._pending: list[_Entry] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._wakeup: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
+
+    async def submit(self, job: Job) -> AsyncIterator[Output]:
+        """Run `job` (alone or in a batch); yields its outputs as they are written."""
+        loop = asyncio.get_running_loop()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._wakeup = asyncio.Event()
+            self._dispatcher = loop.create_task(self._dispatch())
+        entry = _Entry(job, asyncio.Queue(), contextvars.copy_context())
+        record = job.record
+        job.record = lambda key, value: entry.context.run(record, key, value)
+        self._pending.append(entry)
+        self._wakeup.set()
+        try:
+            while (item := await entry.queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # canceled, or the consumer stopped early: the batch drops this job's remaining work
+            job.cancelled = True
+            if entry in self._pending:
+                self._pending.remove(entry)
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.window:
+                await asyncio.sleep(self.window)  # let requests that arrive together batch together
+            while self._pending:
+                batch = self._take_batch()
+                await loop.run_in_executor(self._worker, batch[0].context.copy().run, self._work, batch, loop)
+
+    def _take_batch(self) -> list[_Entry]:
+        """The oldest pending job and the compatible ones after it, up to max_images (at least one job)."""
+        key = batch_key(self._pending[0].job.request)
+        batch, images = [], 0
+        for entry in list(self._pending):
+            n = entry.job.request.num_outputs
+            if batch_key(entry.job.request) == key and (not batch or images + n <= self.max_images):
+                batch.append(entry)
+                images += n
+                self._pending.remove(entry)
+        return batch
+
+    def _work(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: one pipeline call for the batch; outputs go back to each job's queue."""
+        started = time.perf_counter()
+        by_job = {id(e.job): e for e in batch}
+        for e in batch:
+            e.job.record("queue_wait", round(started - e.arrived, 4))
+        try:
+            for job, output in self.engine.run_batch([e.job for e in batch]):
+                loop.call_soon_threadsafe(by_job[id(job)].queue.put_nowait, output)
+            results = [_DONE] * len(batch)
+        except Cancelled:
+            results = [_DONE] * len(batch)
+        except BaseException as exc:  # the batch failed: every job in it reports the error
+            results = [exc] * len(batch)
+        for e, result in zip(batch, results):
+            loop.call_soon_threadsafe(e.queue.put_nowait, result)
