@@ -96,3 +96,12 @@ def test_a_burst_over_the_cap_is_served_in_several_batches(batched):
     results = batched(inputs, max_images=4)
     assert all(len(paths) == 2 for paths, _ in results)
     assert sorted(m["batch.images"] for _, m in results) == [2, 4, 4, 4, 4]
+
+
+def test_throughput_benchmark_smoke(predictor):
+    """scripts/bench_throughput.py's measurement runs (CI smoke; the figures are not asserted)."""
+    from scripts.bench_throughput import measure
+
+    inputs = run_inputs(predictor, prompt="x", mode="sd-turbo", width=256, height=256, seed=1)
+    result = asyncio.run(measure(predictor, inputs, clients=2, requests=1))
+    assert result["images"] == 2 and result["images_per_s"] > 0
