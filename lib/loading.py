@@ -20,6 +20,7 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
+from safetensors import safe_open
 
 from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, Mode, Repo
 
@@ -207,6 +208,13 @@ def fuse_lora(pipe, lora_dir: Path) -> None:
         pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
     finally:
         diffusers.utils.logging.set_verbosity(level)
+    # diffusers only warns about LoRA keys that match no module (silenced above): count instead.
+    injected = sum("lcm" in getattr(m, "lora_A", {}) for m in pipe.unet.modules())
+    with safe_open(lora_dir / LORA_WEIGHT_NAME, "pt") as f:
+        in_file = sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in f.keys())
+    if injected != in_file:
+        raise RuntimeError(f"{lora_dir / LORA_WEIGHT_NAME}: {in_file} LoRA modules in the file but {injected} "
+                           "matched the UNet; is it the LoRA for this base model?")
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)
     pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
 

@@ -1,11 +1,13 @@
 """Write tiny random models for every mode, in exactly the layout of the real Hugging Face repos.
 
   python scripts/make_tiny_weights.py DIR     # DIR/<repo_id>/<path_in_repo>, as setup() reads WEIGHTS_DIR
+  python scripts/make_tiny_weights.py --mirror DIR   # a download mirror: DIR/<repo_id>/resolve/main/<path>
+                                                     # + DIR/manifest.json (serve DIR, see docs/weights.md)
 
-Each model is built from the real config (lib/configs/) with only the size fields shrunk, so class names,
-scheduler configs, structural flags (linear projections, LCM's guidance embedding, SDXL's micro-conditioning)
-and weight file names (fp16 variants, the kohya-layout LCM-LoRA with `.alpha`) are the real ones.
-Deterministic: the same bytes on every run. The images these models draw are noise.
+Each model is the real config (lib/configs/) with only its size fields shrunk, so class names, scheduler
+configs, tokenizer configs, structural flags (linear projections, LCM's guidance embedding, SDXL's
+micro-conditioning), special-token ids and weight file names (fp16 variants; the kohya-layout LCM-LoRA with
+`.alpha`) are the real ones. Deterministic: the same bytes on every run. The images these models draw are noise.
 """
 
 from __future__ import annotations
@@ -14,163 +16,228 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from lib.modes import LORA_WEIGHT_NAME, MODES, all_repos  # noqa: E402
+from lib.modes import LORA_WEIGHT_NAME, MODES, SDXL_BASE, SDXL_TURBO, Repo, all_repos  # noqa: E402
 
 CONFIGS = ROOT / "lib" / "configs"
-TEXT_HIDDEN, TEXT_PROJECTION = 32, 32
-LORA_RANK, LORA_ALPHA = 4, 2.0
+
+# Tiny sizes. The SDXL encoders get different widths, so mixing them up fails with a shape error.
+TEXT_ENCODER_SIZES = {
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
+    "text_encoder_2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                           projection_dim=64),
+}
+UNET_SIZES = dict(block_out_channels=[32, 64], layers_per_block=1)
+ADDITION_TIME_EMBED_DIM = 8  # SDXL: 6 micro-conditioning numbers, each embedded at this width
+TIME_COND_PROJ_DIM = 32  # LCM: the guidance-scale embedding width
+# Four blocks keep the real 8x spatial factor; few channels keep a 256px decode fast on a CPU.
+VAE_SIZES = dict(block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=8)
+LORA_RANK, LORA_ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores `.alpha` gives other weights
 # The LCM-LoRA target modules (the diffusers LCM-LoRA training scripts' list).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-LORA_BASES = {"latent-consistency/lcm-lora-sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-              "latent-consistency/lcm-lora-sdv1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+# SDXL-Turbo ships SDXL-base's text encoders unchanged (same sha256): seed them alike so the files match too.
+SEED_OWNER = {(SDXL_TURBO.repo_id, te): SDXL_BASE.repo_id for te in ("text_encoder", "text_encoder_2")}
 
 
 def real_config(repo_id: str, path: str) -> dict:
     return json.loads((CONFIGS / repo_id / path).read_text())
 
 
-def seeded(repo_id: str, component: str) -> None:
-    """A seed per (repo, component). The SDXL text encoders are seeded alike across repos: they are one file
-    in reality (same sha256), and the engine must notice and load them once."""
-    key = component if component.startswith("text_encoder") and "xl" in repo_id else f"{repo_id}/{component}"
-    torch.manual_seed(zlib.crc32(key.encode()))
+def seed(repo_id: str, component: str) -> int:
+    return zlib.crc32(f"{SEED_OWNER.get((repo_id, component), repo_id)}/{component}".encode())
 
 
-def first_and_last(blocks: list) -> list:
-    return [blocks[0], blocks[-1]]
+def text_encoder_config(repo_id: str, component: str) -> dict:
+    return {**real_config(repo_id, f"{component}/config.json"), **TEXT_ENCODER_SIZES[component]}
 
 
-def tiny_unet(repo_id: str, cross_attention_dim: int):
-    from diffusers import UNet2DConditionModel
+def unet_config(repo: Repo) -> dict:
+    config = real_config(repo.repo_id, "unet/config.json")
+    encoders = [text_encoder_config(repo.repo_id, c) for c in repo.components if c.startswith("text_encoder")]
+    config.update(
+        UNET_SIZES,
+        # Two blocks, the real first and last: SD keeps cross-attention down / plain up first, SDXL the reverse.
+        down_block_types=[config["down_block_types"][0], config["down_block_types"][-1]],
+        up_block_types=[config["up_block_types"][0], config["up_block_types"][-1]],
+        # Legacy name: this is the number of heads (an int, or one per block).
+        attention_head_dim=[2, 4] if isinstance(config["attention_head_dim"], list) else 2,
+        cross_attention_dim=sum(e["hidden_size"] for e in encoders),  # SDXL concatenates both encoders
+    )
+    if isinstance(config.get("transformer_layers_per_block"), list):
+        config["transformer_layers_per_block"] = [1, 2]
+    if config.get("time_cond_proj_dim"):
+        config["time_cond_proj_dim"] = TIME_COND_PROJ_DIM
+    if config.get("addition_embed_type") == "text_time":  # the pooled text_encoder_2 output + 6 numbers
+        config.update(addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+                      projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM
+                      + encoders[-1]["projection_dim"])
+    return config
 
-    config = real_config(repo_id, "unet/config.json")
-    config.update(block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=2, norm_num_groups=8,
-                  transformer_layers_per_block=1, cross_attention_dim=cross_attention_dim,
-                  down_block_types=first_and_last(config["down_block_types"]),
-                  up_block_types=first_and_last(config["up_block_types"]))
-    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 micro-conditioning numbers
-        config.update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + TEXT_PROJECTION)
-    seeded(repo_id, "unet")
-    return UNet2DConditionModel.from_config(config)
+
+def component_config(repo: Repo, component: str) -> dict:
+    if component == "unet":
+        return unet_config(repo)
+    if component == "vae":
+        return {**real_config(repo.repo_id, "vae/config.json"), **VAE_SIZES}
+    return text_encoder_config(repo.repo_id, component)
 
 
-def tiny_vae(repo_id: str):
-    from diffusers import AutoencoderKL
-
-    config = real_config(repo_id, "vae/config.json")
-    # Four blocks keep the real 8x spatial factor; few channels keep a 512px decode fast on a CPU.
-    config.update(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8)
-    seeded(repo_id, "vae")
-    return AutoencoderKL.from_config(config)
+def build(library: str, class_name: str, config: dict, seed_value: int) -> torch.nn.Module:
+    """A randomly initialised model; the seed fixes every weight."""
+    torch.manual_seed(seed_value)
+    if library == "diffusers":
+        return getattr(diffusers, class_name).from_config(config)
+    return getattr(transformers, class_name)(transformers.CLIPTextConfig.from_dict(config))
 
 
-def tiny_text_encoder(repo_id: str, component: str):
-    import transformers
-
-    config = real_config(repo_id, f"{component}/config.json")
-    cls = getattr(transformers, config["architectures"][0])
-    config.update(hidden_size=TEXT_HIDDEN, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                  projection_dim=TEXT_PROJECTION)
-    for key in ("_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version"):
-        config.pop(key, None)
-    seeded(repo_id, component)
-    return cls(transformers.CLIPTextConfig(**config))
+def save_model(model: torch.nn.Module, config: dict, folder: Path, library: str, variant: str | None) -> list[Path]:
+    """config.json (the real keys, tiny sizes) + one safetensors file named as in the real repo."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    weights = folder / f"{WEIGHT_NAMES[library]}{f'.{variant}' if variant else ''}.safetensors"
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}, weights,
+              metadata={"format": "pt"})  # what save_pretrained writes
+    return [folder / "config.json", weights]
 
 
 def byte_level_vocab() -> dict[str, int]:
-    """The first 512 entries of the real CLIP vocab (every byte, alone and word-final) plus the special tokens at
-    their real ids, so the real tokenizer configs apply unchanged and any text encodes without unknowns."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
+    """The first 512 entries of the real CLIP vocab (every byte, alone and word-final) plus the special tokens
+    at their real ids (49406, 49407), so the real tokenizer configs apply unchanged and any text encodes
+    with no unknown token."""
+    # GPT-2/CLIP's byte -> printable character table, in its order: "!" is id 0 as in the real vocab.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
     return vocab
 
 
-def write_tokenizer(repo_id: str, component: str, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(CONFIGS / repo_id / component / name, folder / name)
-    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+def write_tokenizer(repo_id: str, component: str, repo_dir: Path) -> list[Path]:
+    """The real tokenizer configs + a byte-level vocab.json / merges.txt (the classic CLIP BPE files)."""
+    written = [copy_real(repo_id, f"{component}/{name}", repo_dir)
+               for name in ("tokenizer_config.json", "special_tokens_map.json")]
+    folder = repo_dir / component
+    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")  # no merges: one token per byte
+    return written + [folder / "vocab.json", folder / "merges.txt"]
 
 
-def save(module, folder: Path, variant: str | None) -> None:
-    if variant == "fp16":
-        module = module.half()
-    module.save_pretrained(folder, variant=variant, safe_serialization=True)
+def copy_real(repo_id: str, path: str, repo_dir: Path) -> Path:
+    """A real config file, byte for byte."""
+    (repo_dir / path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(CONFIGS / repo_id / path, repo_dir / path)
+    return repo_dir / path
 
 
-def write_repo(out_dir: Path, repo) -> None:
-    """One diffusers repo: model_index.json, scheduler config, tokenizers, and the tiny models."""
-    target = out_dir / repo.repo_id
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(CONFIGS / repo.repo_id / "model_index.json", target / "model_index.json")
-    encoders = {}
+def write_pipeline_repo(repo: Repo, repo_dir: Path) -> list[Path]:
+    """A diffusers repo: model_index.json, scheduler config, tokenizers and tiny models (no safety checker)."""
+    index = real_config(repo.repo_id, "model_index.json")
+    written = [copy_real(repo.repo_id, "model_index.json", repo_dir)]
     for component in repo.components:
+        library, class_name = index[component]
         if component == "scheduler":
-            (target / "scheduler").mkdir(exist_ok=True)
-            shutil.copyfile(CONFIGS / repo.repo_id / "scheduler/scheduler_config.json",
-                            target / "scheduler/scheduler_config.json")
+            written.append(copy_real(repo.repo_id, "scheduler/scheduler_config.json", repo_dir))
         elif component.startswith("tokenizer"):
-            write_tokenizer(repo.repo_id, component, target / component)
-        elif component.startswith("text_encoder"):
-            encoders[component] = tiny_text_encoder(repo.repo_id, component)
-            save(encoders[component], target / component, repo.variant)
-    save(tiny_vae(repo.repo_id), target / "vae", repo.variant)
-    save(tiny_unet(repo.repo_id, TEXT_HIDDEN * len(encoders)), target / "unet", repo.variant)
+            written += write_tokenizer(repo.repo_id, component, repo_dir)
+        else:
+            config = component_config(repo, component)
+            model = build(library, class_name, config, seed(repo.repo_id, component))
+            written += save_model(model, config, repo_dir / component, library, repo.variant)
+    return written
 
 
-def write_lcm_lora(out_dir: Path, repo) -> None:
-    """A kohya-layout LoRA (`lora_unet_<module_path>.lora_down/.lora_up/.alpha`, fp16) for the tiny base UNet."""
-    from safetensors.torch import save_file
+def lora_base(repo: Repo) -> Repo:
+    """The repo whose UNet a LoRA repo is fused into, from the mode table."""
+    return next(m.repo for m in MODES.values() if m.lora == repo)
 
-    base = LORA_BASES[repo.repo_id]
-    unet = tiny_unet(base, TEXT_HIDDEN * (2 if "xl" in base else 1))
-    seeded(repo.repo_id, "lora")
+
+def write_lora_repo(repo: Repo, repo_dir: Path) -> list[Path]:
+    """The LCM-LoRA for the tiny base UNet, in the kohya layout of the real file (fp16):
+    lora_unet_<module_path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha."""
+    base = lora_base(repo)
+    unet = build("diffusers", "UNet2DConditionModel", unet_config(base), seed(base.repo_id, "unet"))
+    generator = torch.Generator().manual_seed(seed(repo.repo_id, "lora"))
     tensors = {}
     for name, module in unet.named_modules():
-        if not name.endswith(LORA_TARGETS) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or \
+                not any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
             continue
-        key = "lora_unet_" + name.replace(".", "_")
         if isinstance(module, torch.nn.Linear):
-            down = torch.randn(LORA_RANK, module.in_features)
-            up = torch.randn(module.out_features, LORA_RANK)
-        else:
-            down = torch.randn(LORA_RANK, module.in_channels, *module.kernel_size)
-            up = torch.randn(module.out_channels, LORA_RANK, 1, 1)
-        tensors[f"{key}.lora_down.weight"] = (down * 0.1).half()
-        tensors[f"{key}.lora_up.weight"] = (up * 0.1).half()
+            down_shape, up_shape = (LORA_RANK, module.in_features), (module.out_features, LORA_RANK)
+        else:  # kohya: the down conv has the layer's kernel, the up conv is 1x1
+            down_shape = (LORA_RANK, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, LORA_RANK, 1, 1)
+        key = "lora_unet_" + name.replace(".", "_")
+        # Non-zero up weights (training starts them at zero), so fusing visibly changes the UNet.
+        tensors[f"{key}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) * 0.1).half()
+        tensors[f"{key}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 0.1).half()
         tensors[f"{key}.alpha"] = torch.tensor(LORA_ALPHA, dtype=torch.float16)
-    (out_dir / repo.repo_id).mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / repo.repo_id / LORA_WEIGHT_NAME)
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, repo_dir / LORA_WEIGHT_NAME)
+    return [repo_dir / LORA_WEIGHT_NAME]
+
+
+def write_repo(repo: Repo, repo_dir: Path) -> list[Path]:
+    """One repo's tiny files under repo_dir (= WEIGHTS_DIR/<repo_id>); returns the paths written (repo_dir/...)."""
+    return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir)
 
 
 def write_tiny_weights(out_dir: Path) -> list[Path]:
-    """Write every mode's repos under out_dir; returns the files written, relative to out_dir."""
+    """Every mode's repos under out_dir/<repo_id>/; returns the files written, relative to out_dir."""
     out_dir = Path(out_dir)
-    transformers.utils.logging.disable_progress_bar()
+    written = []
     for repo in all_repos(MODES):
-        (write_repo if repo.components else write_lcm_lora)(out_dir, repo)
-    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+        written += write_repo(repo, out_dir / repo.repo_id)
+    return [p.relative_to(out_dir) for p in written]
+
+
+def write_tiny_mirror(mirror: Path) -> dict:
+    """The tiny repos as a mirror in the Hub's `resolve` layout plus their manifest: serving `mirror` over HTTP
+    and setting WEIGHTS_BASE_URL and WEIGHTS_MANIFEST=mirror/manifest.json lets setup() download them."""
+    from lib.weights import manifest_for_tree, write_manifest
+
+    mirror = Path(mirror)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_weights(Path(tmp))
+        manifest = manifest_for_tree(Path(tmp))
+        for repo_id, spec in manifest["repos"].items():
+            for path in spec["files"]:
+                target = mirror / repo_id / "resolve" / spec["revision"] / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(Path(tmp) / repo_id / path, target)
+    write_manifest(mirror / "manifest.json", manifest)
+    return manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", type=Path, help="where to write DIR/<repo_id>/...")
+    parser.add_argument("dir", type=Path, nargs="?", help="where to write DIR/<repo_id>/...")
+    parser.add_argument("--mirror", type=Path, metavar="DIR", help="write a download mirror into DIR instead")
     args = parser.parse_args()
+    if (args.dir is None) == (args.mirror is None):
+        parser.error("give DIR, or --mirror DIR")
+    if args.mirror:
+        manifest = write_tiny_mirror(args.mirror)
+        n = sum(len(spec["files"]) for spec in manifest["repos"].values())
+        print(f"wrote a mirror of {n} files and {args.mirror / 'manifest.json'}")
+        return
     files = write_tiny_weights(args.dir)
     print(f"wrote {len(files)} files under {args.dir}")
 

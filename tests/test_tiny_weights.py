@@ -1,69 +1,160 @@
-"""The tiny weights are in the real repos' layout, deterministic, and shaped like the real files."""
+"""The tiny weights: the real repos' layout and file names, deterministic, and loadable like the real files."""
 
-import dataclasses
+import contextlib
 import hashlib
-import json
+import logging
+from pathlib import Path
 
+import pytest
 import torch
-
 from safetensors import safe_open
 
-from lib.loading import ComponentLoader, load_mode, required_files
-from lib.modes import LORA_WEIGHT_NAME, MODES, all_repos
-from scripts.make_tiny_weights import write_tiny_weights
+from lib.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, all_repos
+from scripts.make_tiny_weights import CONFIGS, LORA_ALPHA, LORA_RANK, write_tiny_weights
+
+REPOS = all_repos(MODES)
+WEIGHTS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
+           "vae": "diffusion_pytorch_model"}
 
 
-def sha256(path):
+def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_every_file_setup_reads_is_there_with_real_names(tiny_weights):
-    for repo in all_repos(MODES):
-        for name in required_files(repo):
-            assert (tiny_weights / repo.repo_id / name).is_file(), f"{repo.repo_id}/{name}"
-    turbo = tiny_weights / "stabilityai/sdxl-turbo"
-    assert (turbo / "unet/diffusion_pytorch_model.fp16.safetensors").is_file()
-    assert (turbo / "text_encoder_2/model.fp16.safetensors").is_file()
-    assert (tiny_weights / "SimianLuo/LCM_Dreamshaper_v7/unet/diffusion_pytorch_model.safetensors").is_file()
-    index = json.loads((turbo / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionXLPipeline"
-    assert index["scheduler"] == ["diffusers", "EulerAncestralDiscreteScheduler"]
-    scheduler = json.loads((turbo / "scheduler/scheduler_config.json").read_text())
-    assert scheduler["timestep_spacing"] == "trailing"
+def expected_files(repo) -> tuple[set[str], set[str]]:
+    """(every file of the repo, those copied verbatim from lib/configs), as in the real repo."""
+    if not repo.components:
+        return {LORA_WEIGHT_NAME}, set()
+    verbatim = {"model_index.json", "scheduler/scheduler_config.json"}
+    files = set(verbatim)
+    for c in repo.components:
+        if c.startswith("tokenizer"):
+            verbatim |= {f"{c}/tokenizer_config.json", f"{c}/special_tokens_map.json"}
+            files |= {f"{c}/tokenizer_config.json", f"{c}/special_tokens_map.json", f"{c}/vocab.json",
+                      f"{c}/merges.txt"}
+        elif c != "scheduler":
+            suffix = f".{repo.variant}.safetensors" if repo.variant else ".safetensors"
+            files |= {f"{c}/config.json", f"{c}/{WEIGHTS[c]}{suffix}"}
+    return files, verbatim
 
 
-def test_deterministic(tiny_weights, tmp_path):
-    again = write_tiny_weights(tmp_path)
-    assert again and all(sha256(tiny_weights / p) == sha256(tmp_path / p) for p in again)
+@contextlib.contextmanager
+def library_warnings():
+    """Collects what diffusers, transformers and peft log at WARNING or above."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
-def test_sdxl_text_encoders_identical_unets_differ(tiny_weights):
-    turbo, base = tiny_weights / "stabilityai/sdxl-turbo", tiny_weights / "stabilityai/stable-diffusion-xl-base-1.0"
-    for name in ("text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors"):
-        assert sha256(turbo / name) == sha256(base / name)
-    unet = "unet/diffusion_pytorch_model.fp16.safetensors"
-    assert sha256(turbo / unet) != sha256(base / unet)
+def load_pipeline(weights: Path, mode_name: str):
+    import diffusers
+
+    repo = MODES[mode_name].repo
+    cls = getattr(diffusers, PIPELINE_CLASSES[MODES[mode_name].family][0])
+    no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    index = (weights / repo.repo_id / "model_index.json").read_text()
+    pipe = cls.from_pretrained(weights / repo.repo_id, variant=repo.variant, dtype=torch.float32,
+                               local_files_only=True, **(no_checker if "safety_checker" in index else {}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_layout_and_verbatim_configs(tiny_weights):
+    on_disk = {p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file()}
+    expected = set()
+    for repo in REPOS:
+        files, verbatim = expected_files(repo)
+        expected |= {f"{repo.repo_id}/{f}" for f in files}
+        for f in verbatim:
+            assert (tiny_weights / repo.repo_id / f).read_bytes() == (CONFIGS / repo.repo_id / f).read_bytes(), f
+    assert on_disk == expected  # nothing missing, nothing extra (no safety checker)
+    from lib.loading import required_files  # and the engine's own list of what it reads agrees
+
+    assert {f"{r.repo_id}/{f}" for r in REPOS for f in required_files(r)} <= on_disk
+    assert "SimianLuo/LCM_Dreamshaper_v7/unet/diffusion_pytorch_model.safetensors" in on_disk  # variant None
+
+
+def test_deterministic_and_returns_what_it_wrote(tiny_weights, tmp_path):
+    written = write_tiny_weights(tmp_path)
+    assert sorted(p.as_posix() for p in written) == sorted(
+        p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())
+    assert all(sha256(tmp_path / p) == sha256(tiny_weights / p) for p in written)
+
+
+def test_only_the_sdxl_text_encoders_are_shared(tiny_weights):
+    by_hash: dict[str, list[str]] = {}
+    for p in tiny_weights.rglob("*.safetensors"):
+        by_hash.setdefault(sha256(p), []).append(p.relative_to(tiny_weights).as_posix())
+    shared = sorted(sorted(paths) for paths in by_hash.values() if len(paths) > 1)
+    assert shared == [[f"{r.repo_id}/{te}/model.fp16.safetensors" for r in (SDXL_TURBO, SDXL_BASE)]
+                      for te in ("text_encoder", "text_encoder_2")]
+
+
+def test_tokenizers_use_the_real_special_ids_and_know_every_byte(tiny_weights):
+    from transformers import CLIPTokenizer
+
+    for repo in REPOS:
+        for c in (c for c in repo.components if c.startswith("tokenizer")):
+            with library_warnings() as warnings:
+                tokenizer = CLIPTokenizer.from_pretrained(tiny_weights / repo.repo_id, subfolder=c)
+            ids = tokenizer("A Photo, of a café 東京 🐱").input_ids
+            assert not warnings
+            assert ids[0] == 49406 and ids[-1] == 49407 and all(i < 512 for i in ids[1:-1])
 
 
 def test_lcm_lora_has_the_kohya_layout(tiny_weights):
     with safe_open(tiny_weights / "latent-consistency/lcm-lora-sdxl" / LORA_WEIGHT_NAME, "pt") as f:
         keys = set(f.keys())
-        assert all(k.startswith("lora_unet_") for k in keys)
-        downs = {k.removesuffix(".lora_down.weight") for k in keys if k.endswith(".lora_down.weight")}
-        assert downs and all(f"{m}.lora_up.weight" in keys and f"{m}.alpha" in keys for m in downs)
-        assert any(m.endswith("_attn1_to_q") for m in downs) and any(m.endswith("_conv1") for m in downs)
-        assert str(f.get_tensor(next(iter(keys))).dtype) == "torch.float16"
+        modules = {k.removesuffix(".lora_down.weight") for k in keys if k.endswith(".lora_down.weight")}
+        assert keys == {f"{m}.{s}" for m in modules for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+        assert all(m.startswith("lora_unet_") and "." not in m for m in modules)
+        for suffix in ("_attn2_to_k", "_ff_net_0_proj", "_to_out_0", "_conv1", "_conv_shortcut",
+                       "_downsamplers_0_conv", "_upsamplers_0_conv", "_time_emb_proj", "_proj_in"):
+            assert any(m.endswith(suffix) for m in modules), suffix
+        conv = next(m for m in modules if m.endswith("_resnets_0_conv1"))
+        assert f.get_tensor(f"{conv}.lora_down.weight").shape[::2] == (LORA_RANK, 3)  # (rank, in, 3, 3)
+        assert f.get_tensor(f"{conv}.lora_up.weight").shape[1:] == (LORA_RANK, 1, 1)
+        alpha = f.get_tensor(f"{conv}.alpha")
+        assert alpha.shape == () and alpha.item() == LORA_ALPHA and alpha.dtype == torch.float16
+        assert f.get_tensor(f"{conv}.lora_up.weight").abs().sum() > 0
 
 
-def test_every_lcm_lora_key_maps_to_a_unet_module(tiny_weights):
-    """diffusers converts the kohya keys and injects one LoRA layer per module in the file: none unmatched."""
-    for name in ("lcm-lora-sd15", "lcm-lora-sdxl"):
-        mode = MODES[name]
-        unfused = load_mode(ComponentLoader(torch.device("cpu"), torch.float32), tiny_weights,
-                            dataclasses.replace(mode, lora=None))
-        lora = tiny_weights / mode.lora.repo_id
-        unfused.txt2img.load_lora_weights(lora, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
-        injected = [n for n, m in unfused.txt2img.unet.named_modules() if "lcm" in getattr(m, "lora_A", {})]
-        with safe_open(lora / LORA_WEIGHT_NAME, "pt") as f:
-            in_file = [k for k in f.keys() if k.endswith(".lora_down.weight")]
-        assert len(injected) == len(in_file) > 0
+@pytest.mark.parametrize("mode_name", ["lcm-lora-sdxl", "lcm-lora-sd15"])
+def test_lcm_lora_loads_every_key_and_fusing_changes_the_unet(tiny_weights, mode_name):
+    lora = tiny_weights / MODES[mode_name].lora.repo_id
+    pipe = load_pipeline(tiny_weights, mode_name)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with library_warnings() as warnings:
+        pipe.load_lora_weights(lora, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+    injected = [n for n, m in pipe.unet.named_modules() if "lcm" in getattr(m, "lora_A", {})]
+    with safe_open(lora / LORA_WEIGHT_NAME, "pt") as f:
+        in_file = [k for k in f.keys() if k.endswith(".lora_down.weight")]
+    assert len(injected) == len(in_file) > 0  # every key found its module
+    # The only warning: the file has no text-encoder keys (nor has the real one). Unmatched keys would warn.
+    assert all(w.startswith("No LoRA keys associated to CLIPTextModel") for w in warnings), warnings
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    after = pipe.unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "down_blocks.0.resnets.0.conv1.weight" in changed and "conv_in.weight" not in changed
+
+
+@pytest.mark.parametrize("mode_name", list(MODES))
+def test_every_mode_draws_a_256px_image(tiny_weights, mode_name):
+    import diffusers
+
+    mode = MODES[mode_name]
+    pipe = load_pipeline(tiny_weights, mode_name)
+    if mode.scheduler:
+        pipe.scheduler = getattr(diffusers, mode.scheduler).from_config(pipe.scheduler.config)
+    image = pipe("a photo of a cat", height=256, width=256, num_inference_steps=2,
+                 guidance_scale=mode.guidance_default, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (256, 256)
