@@ -1,0 +1,266 @@
+"""The fast path: optimisations applied to the loaded pipelines once, after loading (Engine.load calls
+`optimize`). Each one is switchable by an environment variable; the defaults are on for CUDA where they are
+safe and off on the CPU (where the tests run in fp32 and check that each gives the plain path's images).
+
+Variable (default on CUDA / on the CPU): what it does.
+- SPEED (1/1): 0 turns every default below off (the plain diffusers path); single switches still override.
+- SPEED_SDPA (1/1): attention through torch's scaled_dot_product_attention, diffusers' default processor
+  (checked and reported); 0 puts the classic processor back, for before/after.
+- SPEED_TF32 (1/-): TF32 for fp32 matmuls and convolutions (acts only on fp32 parts).
+- SPEED_CUDNN_BENCHMARK (1/-): cuDNN picks the fastest convolution per shape (a new shape's first call pays).
+- SPEED_CHANNELS_LAST (1/0): UNet and VAE weights in channels_last (NHWC), the layout tensor cores want.
+- SPEED_FUSE_QKV (1/0): one fused QKV (self-attention) / KV (cross-attention) projection per attention.
+- SPEED_VAE_DTYPE (auto/auto): auto runs a VAE whose config forces an fp32 upcast (SDXL's: fp16 overflows)
+  in bfloat16 on CUDA (fp32's exponent range, half the bytes, tensor cores) instead of fp32; other VAEs
+  run in the model dtype. keep: as loaded (the plain path: fp32 for SDXL's). Or float32, bfloat16, float16.
+- SPEED_COMPILE (0/0): torch.compile; 1 = unet,vae, or a list of unet, vae (the decoders), text.
+- SPEED_COMPILE_MODE (max-autotune-no-cudagraphs, or max-autotune with CUDA graphs / default).
+- SPEED_COMPILE_BACKEND (inductor): eager or aot_eager check the plumbing quickly.
+- SPEED_CUDA_GRAPHS (0/-): CUDA graphs for the static shapes via torch.compile (implies compiling the UNet).
+- SPEED_WARMUP (1/0): setup runs each mode once at its default size (compiles, autotunes); time reported.
+- SPEED_ENCODE_THREADS (min(4, cores)): image files are encoded in these threads, off the critical path
+  (0: inline). SPEED_WEBP_METHOD (0): libwebp effort; 0 is 4x faster than 4 at 512px, same PSNR, +12% bytes.
+  (Both read by lib/images.py.)
+
+LoRA fusing is not a switch: the LCM-LoRAs are always fused at load (lib/loading.fuse_lora).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+VAE_DTYPES = ("auto", "keep", "float32", "bfloat16", "float16")
+COMPILE_TARGETS = ("unet", "vae", "text")
+
+
+@dataclass(frozen=True)
+class Settings:
+    sdpa: bool
+    tf32: bool
+    cudnn_benchmark: bool
+    channels_last: bool
+    fuse_qkv: bool
+    vae_dtype: str
+    compile: tuple[str, ...]
+    compile_mode: str
+    compile_backend: str
+    cuda_graphs: bool
+    warmup: bool
+
+    @classmethod
+    def from_env(cls, device: torch.device, env=None, **overrides) -> Settings:
+        """The switches from `env` (default os.environ) and `overrides`, with the device's defaults."""
+        env = os.environ if env is None else env
+        cuda = torch.device(device).type == "cuda"
+        fast = _flag(env, "SPEED", True)
+        values = {
+            "sdpa": _flag(env, "SPEED_SDPA", True),
+            "tf32": _flag(env, "SPEED_TF32", fast and cuda),
+            "cudnn_benchmark": _flag(env, "SPEED_CUDNN_BENCHMARK", fast and cuda),
+            "channels_last": _flag(env, "SPEED_CHANNELS_LAST", fast and cuda),
+            "fuse_qkv": _flag(env, "SPEED_FUSE_QKV", fast and cuda),
+            "vae_dtype": env.get("SPEED_VAE_DTYPE", "").strip().lower() or ("auto" if fast else "keep"),
+            "compile": _targets(env.get("SPEED_COMPILE", "")),
+            "compile_mode": env.get("SPEED_COMPILE_MODE", "").strip(),
+            "compile_backend": env.get("SPEED_COMPILE_BACKEND", "").strip() or "inductor",
+            "cuda_graphs": _flag(env, "SPEED_CUDA_GRAPHS", False),
+            "warmup": _flag(env, "SPEED_WARMUP", fast and cuda),
+        }
+        values.update(overrides)
+        if values["vae_dtype"] not in VAE_DTYPES:
+            raise ValueError(f"SPEED_VAE_DTYPE: {values['vae_dtype']!r} is not allowed; "
+                             f"allowed: {', '.join(VAE_DTYPES)}")
+        if values["cuda_graphs"] and "unet" not in values["compile"]:
+            values["compile"] = ("unet", *values["compile"])  # CUDA graphs come through torch.compile
+        if not values["compile_mode"]:
+            values["compile_mode"] = ("default" if not cuda else
+                                      "max-autotune" if values["cuda_graphs"] else "max-autotune-no-cudagraphs")
+        return cls(**values)
+
+    def describe(self) -> str:
+        on = [f.name for f in fields(self) if getattr(self, f.name) is True]
+        extra = [f"vae_dtype={self.vae_dtype}"]
+        if self.compile:
+            extra.append(f"compile={','.join(self.compile)} ({self.compile_mode}, {self.compile_backend})")
+        return ", ".join(on + extra)
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise ValueError(f"{name}: {value!r} is not a switch; allowed: 1 or 0 (true/false, yes/no, on/off)")
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    value = value.strip().lower()
+    if value in ("",) + FALSE:
+        return ()
+    if value in TRUE:
+        return ("unet", "vae")
+    targets = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    unknown = [t for t in targets if t not in COMPILE_TARGETS]
+    if unknown:
+        raise ValueError(f"SPEED_COMPILE: {', '.join(unknown)} not a target; allowed: 1, 0, or a list of "
+                         f"{', '.join(COMPILE_TARGETS)}")
+    return targets
+
+
+def _unique(modules) -> list:
+    seen: dict[int, object] = {}
+    for m in modules:
+        if m is not None:
+            seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def decoders(loaded) -> list:
+    """The image decoders of a LoadedMode: its VAE, and its TAESD where the mode has one (fast_decode)."""
+    return _unique([loaded.txt2img.vae, getattr(loaded, "tiny_vae", None)])
+
+
+def vae_dtype(vae, settings: Settings, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    if settings.vae_dtype == "keep":
+        return vae.dtype
+    if settings.vae_dtype != "auto":
+        return getattr(torch, settings.vae_dtype)
+    if getattr(vae.config, "force_upcast", False) and dtype == torch.float16:
+        # The SDXL VAE overflows in fp16. bfloat16 has fp32's exponent range: no overflow, half the bytes
+        # and tensor-core speed (as ComfyUI decodes by default). Without bf16 support: fp32, as diffusers.
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return dtype
+
+
+def attention_report(modules) -> dict:
+    """Which attention implementation each kind of module runs: diffusers processors by class name (the
+    *2_0 ones call torch SDPA), transformers' attn_implementation for the text encoders."""
+    report: dict = {}
+    for m in modules:
+        kind = type(m).__name__
+        if hasattr(m, "attn_processors"):
+            counts = Counter(type(p).__name__ for p in m.attn_processors.values())
+        elif getattr(m.config, "_attn_implementation", None):
+            counts = Counter({f"transformers:{m.config._attn_implementation}": 1})
+        else:  # no attention (TAESD)
+            continue
+        report.setdefault(kind, Counter()).update(counts)
+    return {k: dict(v) for k, v in report.items()}
+
+
+@torch.no_grad()
+def apply(modes: dict, device: torch.device, dtype: torch.dtype, settings: Settings) -> dict:
+    """Apply `settings` to every mode's modules (each shared module once). Returns what was done."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:  # process-wide flags: set both ways
+        _set_tf32(settings.tf32)
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+    loaded = list(modes.values())
+    unets = _unique(lm.txt2img.unet for lm in loaded)
+    vaes = _unique(d for lm in loaded for d in decoders(lm))
+    texts = _unique(e for lm in loaded for e in (lm.txt2img.text_encoder, getattr(lm.txt2img, "text_encoder_2", None)))
+    report: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "settings": asdict(settings)}
+
+    report["vae_dtype"] = {}
+    for v in vaes:
+        target = vae_dtype(v, settings, device, dtype)
+        if v.dtype != target:
+            v.to(target)
+        report["vae_dtype"][type(v).__name__] = str(target).removeprefix("torch.")
+
+    attention_modules = [m for m in unets + vaes if hasattr(m, "set_attn_processor")]
+    if not settings.sdpa:
+        for m in attention_modules:
+            m.set_attn_processor(AttnProcessor())
+    elif settings.fuse_qkv:
+        for m in attention_modules:
+            if hasattr(m, "fuse_qkv_projections") and m.attn_processors:
+                m.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA)
+    if settings.channels_last:
+        for m in unets + vaes:
+            m.to(memory_format=torch.channels_last)
+    report["attention"] = attention_report(unets + vaes + texts)
+
+    if settings.compile:
+        _compile(settings, unets, vaes, texts)
+    report["compiled"] = list(settings.compile)
+    return report
+
+
+def _set_tf32(on: bool) -> None:
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and conv is not None:  # torch >= 2.9
+        matmul.fp32_precision = conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
+def _compile(settings: Settings, unets, vaes, texts) -> None:
+    if settings.compile_backend == "inductor":
+        import torch._inductor.config as inductor
+
+        # diffusers' recommended inductor settings for its UNets/VAEs (docs: "Accelerate inference").
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+    options = {"backend": settings.compile_backend}
+    if settings.compile_backend == "inductor":
+        options["mode"] = settings.compile_mode
+    targets = {"unet": unets, "vae": [getattr(v, "decoder", v) for v in vaes], "text": texts}
+    for target in settings.compile:
+        for module in targets[target]:
+            module.compile(**options)  # in place: the module stays the one the pipelines share
+
+
+def warm_up(engine) -> dict:
+    """Run every mode once at its default size (and batch 1): compiles and autotunes before the first request.
+    Returns seconds per mode."""
+    seconds = {}
+    for name in engine.modes:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            for fast_decode in _decode_variants(engine, name):
+                extra = {"fast_decode": True} if fast_decode else {}
+                request = engine.request(prompt="warm-up", mode=name, seed=0, output_format="webp", **extra)
+                for _ in engine.run(request, tmp):
+                    pass
+        seconds[name] = round(time.perf_counter() - started, 3)
+        log.info("warm-up %s: %.1f s", name, seconds[name])
+    return seconds
+
+
+def _decode_variants(engine, name: str) -> list[bool]:
+    return [False, True] if getattr(engine.modes[name], "tiny_vae", None) is not None else [False]
+
+
+def optimize(engine, settings: Settings | None = None):
+    """Engine.load's last step: apply the switches from the environment and warm up. The report is kept in
+    engine.speed (and the benchmark records it)."""
+    settings = settings or Settings.from_env(engine.device)
+    started = time.perf_counter()
+    report = apply(engine.modes, engine.device, engine.dtype, settings)
+    report["apply_s"] = round(time.perf_counter() - started, 3)
+    report["warmup_s"] = warm_up(engine) if settings.warmup else {}
+    engine.speed = report
+    log.info("fast path on %s: %s; attention: %s; applied in %.1f s%s", engine.device, settings.describe(),
+             report["attention"], report["apply_s"],
+             f", warm-up {sum(report['warmup_s'].values()):.1f} s" if report["warmup_s"] else "")
+    return engine

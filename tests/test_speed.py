@@ -1,0 +1,204 @@
+"""The fast path (lib/speed.py) on the CPU in fp32: every switch gives the plain path's images within a stated
+tolerance; the encode thread keeps files and order; the benchmark's tiny smoke runs (not timed here)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib import images, random_models, speed
+from lib.engine import Engine, InputError
+from lib.loading import load_modes
+from lib.modes import MODES as MODES_TABLE
+
+CPU, FP32 = torch.device("cpu"), torch.float32
+MODES = ("sd-turbo", "sdxl-turbo")  # SD 2 (linear projections), SDXL (two text encoders, an upcast VAE)
+SIZE = 256
+# Max abs difference per 8-bit pixel channel against the plain path. fp32 reorderings (fused matmuls, NHWC
+# convolutions, another attention kernel) move values by ~1e-6 and so may flip a rounding: 2 levels allowed.
+# A bfloat16 VAE keeps 8 mantissa bits: a few levels on these noise images.
+TOLERANCE = {"fp32": 2, "bf16-vae": 12}
+
+SWITCHES = {
+    "channels_last": ({"SPEED": "0", "SPEED_CHANNELS_LAST": "1"}, "fp32"),
+    "fuse_qkv": ({"SPEED": "0", "SPEED_FUSE_QKV": "1"}, "fp32"),
+    "classic-attention": ({"SPEED": "0", "SPEED_SDPA": "0"}, "fp32"),
+    "vae-bfloat16": ({"SPEED": "0", "SPEED_VAE_DTYPE": "bfloat16"}, "bf16-vae"),  # bf16 convs are slow on CPU
+    # The inductor backend compiles for minutes on 2 cores: the eager backend checks the plumbing (the modules
+    # compiled in place and still shared, outputs unchanged).
+    "compile": ({"SPEED": "0", "SPEED_COMPILE": "unet,vae", "SPEED_COMPILE_BACKEND": "eager"}, "fp32"),
+    "all": ({"SPEED_CHANNELS_LAST": "1", "SPEED_FUSE_QKV": "1", "SPEED_TF32": "1", "SPEED_CUDNN_BENCHMARK": "1"},
+            "fp32"),
+}
+# Where a switch's check costs the most, one mode stands for both.
+ONLY = {"vae-bfloat16": ("sdxl-turbo",), "compile": ("sd-turbo",)}
+
+
+def engine_with(tiny_weights, env: dict, modes=MODES) -> Engine:
+    """A fresh engine (own modules: the switches change them in place) with `env`'s switches applied."""
+    engine = Engine(load_modes(tiny_weights, modes, CPU, FP32), CPU, FP32)
+    return speed.optimize(engine, speed.Settings.from_env(CPU, env))
+
+
+def pixels(engine: Engine, tmp_path) -> dict:
+    """{(mode, decoder): pixels}, through the VAE and through the TAESD (fast_decode)."""
+    out = {}
+    for mode in engine.modes:
+        for fast_decode in (False, True):
+            request = engine.request(prompt="a lighthouse at dusk", mode=mode, width=SIZE, height=SIZE, seed=7,
+                                     output_format="png", fast_decode=fast_decode)
+            folder = tmp_path / f"{mode}-{fast_decode}"
+            folder.mkdir(exist_ok=True)
+            for output in engine.run(request, folder):
+                key = (mode, "taesd" if fast_decode else "vae")
+                out[key] = np.asarray(Image.open(output.path).convert("RGB"), dtype=np.int16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_weights, tmp_path_factory):
+    return pixels(engine_with(tiny_weights, {"SPEED": "0"}), tmp_path_factory.mktemp("plain"))
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_switch_gives_the_plain_path_images(tiny_weights, plain, tmp_path, name):
+    env, tolerance = SWITCHES[name]
+    modes = ONLY.get(name, MODES)
+    engine = engine_with(tiny_weights, env, modes)
+    got = pixels(engine, tmp_path)
+    assert got.keys() == {key for key in plain if key[0] in modes}
+    diffs = {key: int(np.abs(got[key] - plain[key]).max()) for key in got}
+    assert max(diffs.values()) <= TOLERANCE[tolerance], diffs
+    report = engine.speed
+    if "SPEED_COMPILE" in env:
+        assert report["compiled"] == ["unet", "vae"]
+        unet = engine.modes["sd-turbo"].txt2img.unet
+        assert unet._compiled_call_impl is not None and engine.modes["sd-turbo"].img2img.unet is unet
+
+
+def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
+    """fast_decode: same latents, the mode's TAESD / TAESDXL decodes them (other pixels), recorded in the file;
+    requests with and without it never share a batch."""
+    from lib.engine import batch_key
+    from lib.images import read_settings
+    from lib.modes import TAESD, TAESDXL
+
+    engine = Engine(load_modes(tiny_weights, MODES, CPU, FP32), CPU, FP32)
+    assert engine.modes["sd-turbo"].tiny_vae is not engine.modes["sdxl-turbo"].tiny_vae
+    assert (MODES_TABLE["sd-turbo"].tiny_vae, MODES_TABLE["sdxl-turbo"].tiny_vae) == (TAESD, TAESDXL)
+    for mode in MODES:
+        assert np.abs(plain[(mode, "taesd")] - plain[(mode, "vae")]).max() > 0
+        request = engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64, seed=1, fast_decode=True)
+        assert batch_key(request) != batch_key(engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64,
+                                                              seed=1))
+        metrics = {}
+        (tmp_path / mode).mkdir()
+        [output] = engine.run(request, tmp_path / mode, metrics.__setitem__)
+        assert Image.open(output.path).size == (SIZE, SIZE + 64)
+        assert read_settings(output.path)["fast_decode"] is True and metrics["timings.vae_decode"] > 0
+    with pytest.raises(InputError, match="fast_decode"):
+        engine.request(prompt="x", mode="sd-turbo", fast_decode="yes")
+
+
+def test_warmup_runs_each_mode_at_its_default_size(tiny_weights):
+    engine = engine_with(tiny_weights, {"SPEED_WARMUP": "1"}, ("sd-turbo",))
+    assert list(engine.speed["warmup_s"]) == ["sd-turbo"] and engine.speed["warmup_s"]["sd-turbo"] > 0
+    assert not engine_with(tiny_weights, {}, ("sd-turbo",)).speed["warmup_s"]  # off on the CPU by default
+
+
+def test_attention_runs_sdpa_by_default_and_fused_when_asked(tiny_weights):
+    """diffusers' default processor calls torch SDPA; fused QKV keeps SDPA; the text encoders use sdpa too."""
+    default = engine_with(tiny_weights, {}).speed["attention"]
+    assert default["UNet2DConditionModel"] == {"AttnProcessor2_0": sum(default["UNet2DConditionModel"].values())}
+    assert default["AutoencoderKL"].keys() == {"AttnProcessor2_0"}
+    assert default["CLIPTextModel"].keys() == {"transformers:sdpa"}
+    fused = engine_with(tiny_weights, {"SPEED_FUSE_QKV": "1"})
+    assert fused.speed["attention"]["UNet2DConditionModel"].keys() == {"FusedAttnProcessor2_0"}
+    unet = fused.modes["sd-turbo"].txt2img.unet
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert attn.attn1.to_qkv.weight.shape[0] == 3 * attn.attn1.to_q.weight.shape[0]  # self-attention: QKV
+    assert attn.attn2.to_kv.weight.shape[0] == 2 * attn.attn2.to_k.weight.shape[0]  # cross-attention: KV
+
+
+def test_settings_defaults_and_errors():
+    cpu = speed.Settings.from_env(CPU, {})
+    assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile) == \
+        (True, False, False, False, False, ())
+    cuda = speed.Settings.from_env(torch.device("cuda"), {})
+    assert (cuda.channels_last, cuda.fuse_qkv, cuda.tf32, cuda.cudnn_benchmark, cuda.warmup) == (True,) * 5
+    assert cuda.vae_dtype == "auto" and cuda.compile == () and not cuda.cuda_graphs
+    plain = speed.Settings.from_env(torch.device("cuda"), {"SPEED": "0"})
+    assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype) == \
+        (False, False, False, False, "keep")
+    assert plain.sdpa  # diffusers' own default stays
+    assert speed.Settings.from_env(CPU, {"SPEED_COMPILE": "1"}).compile == ("unet", "vae")
+    graphs = speed.Settings.from_env(torch.device("cuda"), {"SPEED_CUDA_GRAPHS": "1"})
+    assert graphs.compile == ("unet",) and graphs.compile_mode == "max-autotune"
+    for env, name in (({"SPEED_FUSE_QKV": "maybe"}, "SPEED_FUSE_QKV"), ({"SPEED_VAE_DTYPE": "int8"}, "SPEED_VAE_DTYPE"),
+                      ({"SPEED_COMPILE": "unet,everything"}, "SPEED_COMPILE")):
+        with pytest.raises(ValueError, match=name):
+            speed.Settings.from_env(CPU, env)
+
+
+def test_sdxl_vae_dtype_auto_is_bfloat16_on_cuda(tiny_weights, monkeypatch):
+    """The SDXL VAE config forces an fp32 upcast: `auto` runs it in bfloat16 (fp32's range: no fp16 overflow)
+    on a CUDA device with bf16, in fp32 on one without, and as the model where that is fp32."""
+    vae = load_modes(tiny_weights, ("sdxl-turbo",), CPU, FP32)["sdxl-turbo"].txt2img.vae
+    assert vae.config.force_upcast
+    settings, cuda = speed.Settings.from_env(CPU, {}), torch.device("cuda")
+    assert speed.vae_dtype(vae, settings, CPU, FP32) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert speed.vae_dtype(vae, settings, cuda, torch.float16) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert speed.vae_dtype(vae, settings, cuda, torch.float16) == torch.float32
+    keep = speed.Settings.from_env(cuda, {"SPEED": "0"})
+    assert speed.vae_dtype(vae, keep, cuda, torch.float16) == vae.dtype
+
+
+def test_encoding_in_threads_keeps_files_and_order(tiny_weights, tmp_path, monkeypatch):
+    engine = Engine(load_modes(tiny_weights, ("sd-turbo",), CPU, FP32), CPU, FP32)
+    runs = {}
+    for threads in ("0", "3"):
+        monkeypatch.setenv("SPEED_ENCODE_THREADS", threads)
+        images._encoder_pool.cache_clear()
+        metrics = {}
+        request = engine.request(prompt="a cat", mode="sd-turbo", width=SIZE, height=SIZE, seed=11, num_outputs=3,
+                                 output_format="webp")
+        (tmp_path / threads).mkdir()
+        outputs = list(engine.run(request, tmp_path / threads, metrics.__setitem__))
+        runs[threads] = [(o.seed, o.path.name, hashlib.sha256(o.path.read_bytes()).hexdigest()) for o in outputs]
+        assert metrics["timings.image_encoding"] > 0
+    images._encoder_pool.cache_clear()
+    assert runs["0"] == runs["3"]
+    assert [seed for seed, _, _ in runs["3"]] == [11, 12, 13]
+
+
+def test_random_models_materialise_on_the_device_without_init():
+    """Full-size TAESD from its real config: every parameter real (not meta), finite, in the asked dtype."""
+    taesd = random_models.build_component("madebyollin/taesd", "taesd", device=CPU, dtype=FP32)
+    params = list(taesd.parameters())
+    assert params and all(p.device == CPU and p.dtype == FP32 and torch.isfinite(p).all() for p in params)
+    assert sum(p.numel() for p in params) > 2_000_000  # encoder + decoder, full size
+    with torch.inference_mode():
+        out = taesd.decode(torch.randn(1, 4, 8, 8)).sample
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    tokenizer = random_models.tokenizer("stabilityai/sd-turbo", "tokenizer")
+    ids = tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == 49406 and max(ids) <= 49407
+
+
+def test_bench_tiny_smoke(tiny_weights, tmp_path):
+    """The benchmark's --tiny mode end to end (predict() vs a bare diffusers call): it runs and reports; the
+    timings are not checked here (CI machines are shared)."""
+    from scripts import bench
+
+    data = bench.main(["--tiny", "--weights", str(tiny_weights), "--modes", "sd-turbo", "--sizes", "256",
+                       "--iters", "1", "--warmup", "0", "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")])
+    result = data["tiny"]["sd-turbo"]
+    assert result["predict_ms"]["n"] == 1 and result["ratio_vs_bare"] > 0
+    written = json.loads(next(tmp_path.glob("*-tiny-cpu.json")).read_text())
+    assert written["tiny"]["sd-turbo"]["size"] == 256
+    assert "<!-- bench:tiny-cpu -->" in (tmp_path / "b.md").read_text()
