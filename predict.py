@@ -1,8 +1,9 @@
 """Cog adapter: declares the inputs and hands them to the engine in lib/."""
 
+import asyncio
 import logging
 import sys
-from typing import AsyncIterator, Optional
+from typing import Iterator, Optional
 
 from cog import BaseRunner, Input, Path
 
@@ -50,11 +51,26 @@ class Predictor(BaseRunner):
         output_format: str = Input(default="webp", choices=list(inputs.OUTPUT_FORMATS), description="File format"),
         output_quality: int = Input(default=80, ge=inputs.QUALITY_RANGE[0], le=inputs.QUALITY_RANGE[1],
                                     description="webp/jpg quality; png is lossless"),
-    ) -> AsyncIterator[Path]:
+        lora_url: Optional[str] = Input(
+            default=None, description="A style LoRA for the mode's base model: an https URL of a .safetensors file "
+            "(kohya or diffusers layout). Checked, cached, and removed after the prediction"),
+        lora_scale: float = Input(default=1.0, ge=inputs.LORA_SCALE_RANGE[0], le=inputs.LORA_SCALE_RANGE[1],
+                                  description="Strength of the style LoRA (0 = none)"),
+        disable_safety_checker: bool = Input(
+            default=False, description="Skip the safety checker (images it flags as NSFW are otherwise dropped)"),
+        fast_decode: bool = Input(
+            default=False, description="Decode with the tiny autoencoder (TAESD / TAESDXL): several times faster "
+            "decoding, slightly softer fine detail"),
+    ) -> Iterator[Path]:
         request = self.engine.request(
             prompt=prompt, negative_prompt=negative_prompt, mode=mode, width=width, height=height,
             num_outputs=num_outputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            seed=seed, image=image, strength=strength, output_format=output_format, output_quality=output_quality)
-        job = self.engine.job(request, new_output_dir(), self.record_metric)
-        async for output in self.batcher.submit(job):
-            yield Path(output.path)
+            seed=seed, image=image, strength=strength, output_format=output_format, output_quality=output_quality,
+            lora_url=lora_url, lora_scale=lora_scale, disable_safety_checker=disable_safety_checker,
+            fast_decode=fast_decode)
+        # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile.
+        job = await asyncio.to_thread(self.engine.job, request, new_output_dir(), self.record_metric)
+        # A sync iterator returned from async run() streams: Cog sends each image as it is written (a
+        # yielding async generator's images would all be sent at the end; see Batcher.stream).
+        outputs = await self.batcher.stream(job)
+        return (Path(output.path) for output in outputs)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,6 +39,19 @@ def _window_from_env() -> float:
     if int(os.environ.get("COG_MAX_CONCURRENCY", "1")) <= 1:
         return 0.0
     return float(os.environ.get("BATCH_WINDOW_MS", "5")) / 1000
+
+
+class _Outbox:
+    """One request's outputs for Batcher.stream: put on the event loop (call_soon_threadsafe), read by Cog's
+    drain thread."""
+
+    def __init__(self):
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.arrived = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        self.items.put(item)
+        self.arrived.set()
 
 
 class Batcher:
@@ -70,6 +84,45 @@ class Batcher:
             job.cancelled = True
             if entry in self._pending:
                 self._pending.remove(entry)
+
+    async def stream(self, job: Job) -> Iterator[Output]:
+        """For a Cog server: `return await batcher.stream(job)` from `async def run`. coglet 0.23.1 collects an
+        async generator's items until it ends (no image would stream), but drains a sync iterator returned by
+        async run() on a thread of its own, sending each item as it comes. It cancels only the coroutine,
+        though, so this one waits for the first output (canceled there, the batch drops the job within a
+        denoising step) and then returns an iterator over all of them."""
+        loop = asyncio.get_running_loop()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._wakeup = asyncio.Event()
+            self._dispatcher = loop.create_task(self._dispatch())
+        outbox = _Outbox()
+        entry = _Entry(job, outbox, contextvars.copy_context())
+        record = job.record
+        job.record = lambda key, value: entry.context.run(record, key, value)
+        self._pending.append(entry)
+        self._wakeup.set()
+
+        def drop() -> None:
+            job.cancelled = True
+            if entry in self._pending:
+                self._pending.remove(entry)
+
+        try:
+            await outbox.arrived.wait()
+        except BaseException:  # canceled before the first output: the batch drops this job's remaining work
+            drop()
+            raise
+
+        def outputs() -> Iterator[Output]:
+            try:
+                while (item := outbox.items.get()) is not _DONE:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                loop.call_soon_threadsafe(drop)
+
+        return outputs()
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -12,10 +13,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import images, vae
+from . import images, speed, vae
 from .inputs import InputError, Request, resolve_request
 from .loading import LoadedMode, choose_device_and_dtype, load_modes
-from .modes import MODES
+from .lora import LoraFile, fetch as fetch_lora, style_lora
+from .modes import MODES, safety_checker_enabled
+from .safety import AllImagesFlagged, SafetyChecker, load_from_env as load_safety_checker
 from .weights import ensure_weights
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class Job:
     record: Record
     picture: Image.Image | None  # the img2img input, fitted to the output size
     cancelled: bool = False  # set from another thread; the batch skips this job's remaining work
+    lora: LoraFile | None = None  # the request's style LoRA, fetched and verified
 
 
 class Cancelled(Exception):
@@ -53,7 +57,8 @@ def batch_key(request: Request) -> tuple:
     either has negative prompts for every image or for none."""
     return (request.mode.name, request.width, request.height, request.num_inference_steps, request.guidance_scale,
             request.image_path is not None, request.strength if request.image_path else None,
-            uses_negative_prompt(request))
+            uses_negative_prompt(request), request.lora_url, request.lora_scale if request.lora_url else None,
+            request.fast_decode)
 
 
 def enabled_modes_from_env() -> tuple[str, ...]:
@@ -86,9 +91,11 @@ class Stopwatch:
 
 
 class Engine:
-    def __init__(self, modes: dict[str, LoadedMode], device: torch.device, dtype: torch.dtype):
+    def __init__(self, modes: dict[str, LoadedMode], device: torch.device, dtype: torch.dtype,
+                 safety: SafetyChecker | None = None):
         self.modes, self.device, self.dtype = modes, device, dtype
         self.enabled = tuple(modes)
+        self.safety = safety  # None: SAFETY_CHECKER=0
 
     @classmethod
     def load(cls, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None) -> Engine:
@@ -98,7 +105,8 @@ class Engine:
         modes = load_modes(Path(weights_dir), tuple(mode_names), device, dtype)
         log.info("loaded %s on %s (%s) in %.1f s", ", ".join(mode_names), device, str(dtype).removeprefix("torch."),
                  time.perf_counter() - started)
-        return cls(modes, device, dtype)
+        safety = load_safety_checker(Path(weights_dir), device, dtype)
+        return speed.optimize(cls(modes, device, dtype, safety))  # the fast-path switches (SPEED_*) and warm-up
 
     @classmethod
     def from_env(cls) -> Engine:
@@ -106,7 +114,7 @@ class Engine:
         WEIGHTS_OFFLINE=1 skips the manifest and any download and loads WEIGHTS_DIR as it is."""
         weights_dir, names = Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env()
         if os.environ.get("WEIGHTS_OFFLINE", "").lower() not in ("1", "true", "yes"):
-            ensure_weights(names, weights_dir, log=log.info)
+            ensure_weights(names, weights_dir, log=log.info, safety_checker=safety_checker_enabled())
         return cls.load(weights_dir, names)
 
     def request(self, **inputs) -> Request:
@@ -116,21 +124,29 @@ class Engine:
         return resolve_request(enabled=self.enabled, image_size=image_size, **inputs)
 
     def job(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Job:
-        """A request made ready to run, alone or in a batch: the img2img input is decoded and fitted here,
-        so that a bad file fails its own request only."""
+        """A request made ready to run, alone or in a batch: the img2img input is decoded and fitted and the
+        style LoRA fetched (network; the cache usually has it) here, so that a bad file fails its own request only."""
         picture = None
         if request.image_path:
             picture = images.fit_image(images.open_input_image(request.image_path), request.width, request.height)
-        return Job(request, Path(out_dir), record, picture)
+        lora = None
+        if request.lora_url:
+            lora = fetch_lora(request.lora_url)
+            record("timings.lora_fetch", round(lora.seconds, 4))
+            record("lora_cache_hit", lora.cached)
+        return Job(request, Path(out_dir), record, picture, lora=lora)
 
     def run(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Iterator[Output]:
         """Generate request.num_outputs images; yields each file as soon as it is written."""
         for _, output in self.run_batch([self.job(request, out_dir, record)]):
+            if isinstance(output, BaseException):
+                raise output
             yield output
 
-    def run_batch(self, jobs: list[Job]) -> Iterator[tuple[Job, Output]]:
+    def run_batch(self, jobs: list[Job]) -> Iterator[tuple[Job, Output | Exception]]:
         """Run jobs that share a batch_key as one pipeline call; yields (job, output) per image as it is written.
-        Each image depends only on its own seed and prompt, so a job's images are those of a solo run."""
+        Each image depends only on its own seed and prompt, so a job's images are those of a solo run.
+        A job that fails on its own (the safety checker flagged all its images) gets (job, the exception)."""
         first = jobs[0].request
         assert all(batch_key(j.request) == batch_key(first) for j in jobs), "jobs of one batch must share a key"
         mode, loaded = first.mode, self.modes[first.mode.name]
@@ -162,31 +178,102 @@ class Engine:
             shared["vae_encode"] = clock.lap()
         if uses_negative_prompt(first):
             kwargs["negative_prompt"] = [j.request.negative_prompt for j in jobs for _ in j.request.seeds]
-        latents = self._denoise(pipe, jobs, scheduled, runs, kwargs, clock, shared)
+        try:
+            clock.lap()
+            # The style LoRA is on for this call only: removed on the way out, also on an error or a cancel.
+            with style_lora(pipe, jobs[0].lora, first.lora_scale, mode.name) if jobs[0].lora \
+                    else contextlib.nullcontext():
+                if jobs[0].lora:
+                    shared["lora_load"] = clock.lap()
+                latents = self._denoise(pipe, jobs, scheduled, runs, kwargs, clock, shared)
+                clock.lap()
+            if jobs[0].lora:
+                shared["lora_load"] += clock.lap()  # and its removal
+        finally:
+            for job in jobs:
+                if job.lora:
+                    job.lora.close()
+        checked = self._check_safety(pipe, jobs, latents, clock, shared)
 
         index = 0
         for job in jobs:
             r = job.request
             timings = dict(shared, vae_decode=0.0, image_encoding=0.0)
+            saving: list = []  # image i is encoded in a worker thread while image i+1 decodes; yielded in order
+            flagged = 0
             for i, seed in enumerate(r.seeds):
                 clock.lap()
-                image = vae.decode(pipe.vae, latents[index: index + 1])[0]
+                if index in checked:  # decoded already, for the safety checker
+                    image, seconds, nsfw = checked.pop(index)
+                else:
+                    image, seconds, nsfw = vae.decode(self._decoder(pipe, first), latents[index: index + 1])[0], \
+                        None, False
                 index += 1
-                timings["vae_decode"] += clock.lap()
-                if job.cancelled:
+                timings["vae_decode"] += clock.lap() if seconds is None else seconds
+                flagged += nsfw
+                if job.cancelled or nsfw:  # a flagged image is dropped
                     continue
                 settings = {"mode": mode.name, "model": mode.repo.repo_id, "prompt": r.prompt,
                             "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None, "seed": seed,
                             "num_inference_steps": r.num_inference_steps, "denoising_steps": runs,
                             "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height,
-                            "strength": r.strength if r.image_path else None}
-                path = images.save_image(image, job.out_dir / f"out-{i}-{seed}.{r.output_format}",
-                                         r.output_format, r.output_quality, settings)
-                timings["image_encoding"] += clock.lap()
-                yield job, Output(path, seed, settings)
+                            "strength": r.strength if r.image_path else None, "fast_decode": r.fast_decode}
+                saving.append((images.save_in_background(image, job.out_dir / f"out-{i}-{seed}.{r.output_format}",
+                                                         r.output_format, r.output_quality, settings), seed, settings))
+                while saving and saving[0][0].done():
+                    yield job, self._saved(saving.pop(0), timings)
+            while saving:
+                yield job, self._saved(saving.pop(0), timings)
             for stage, seconds in timings.items():
                 job.record(f"timings.{stage}", [round(s, 4) for s in seconds] if isinstance(seconds, list)
                            else round(seconds, 4))
+            if flagged and flagged == r.num_outputs and not job.cancelled:
+                yield job, AllImagesFlagged(flagged)
+
+    def _check_safety(self, pipe, jobs: list[Job], latents: torch.Tensor, clock: Stopwatch,
+                      timings: dict) -> dict[int, tuple]:
+        """Run the safety checker once on every image of the batch whose request keeps it on (those images are
+        decoded here, before any is saved). Returns image index -> (image, decode seconds, flagged)."""
+        if self.safety is None:
+            return {}
+        spans, index = [], 0
+        for job in jobs:
+            if not job.request.disable_safety_checker and not job.cancelled:
+                spans.append((job, range(index, index + job.request.num_outputs)))
+            index += job.request.num_outputs
+        if not spans:
+            return {}
+        decoded = {}
+        for _, span in spans:
+            for k in span:
+                clock.lap()
+                decoded[k] = (vae.decode(self._decoder(pipe, jobs[0].request), latents[k: k + 1])[0], clock.lap())
+        clock.lap()
+        flags = dict(zip(decoded, self.safety.flagged([image for image, _ in decoded.values()])))
+        timings["safety_checker"] = clock.lap()
+        for job, span in spans:
+            seeds = [seed for k, seed in zip(span, job.request.seeds) if flags[k]]
+            job.record("nsfw_flagged", len(seeds))
+            if seeds:
+                log.warning("safety checker: %d of %d image(s) flagged as possibly NSFW and dropped (seeds %s)",
+                            len(seeds), len(span), seeds)
+        return {k: (image, seconds, flags[k]) for k, (image, seconds) in decoded.items()}
+
+    def _decoder(self, pipe, request: Request):
+        """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""
+        if not request.fast_decode:
+            return pipe.vae
+        tiny = self.modes[request.mode.name].tiny_vae
+        if tiny is None:
+            raise InputError(f"fast_decode: mode {request.mode.name} has no fast decoder loaded on this server")
+        return tiny
+
+    @staticmethod
+    def _saved(saving: tuple, timings: dict) -> Output:
+        future, seed, settings = saving
+        path, seconds = future.result()
+        timings["image_encoding"] += seconds  # encoder time, mostly off the critical path
+        return Output(path, seed, settings)
 
     def _denoise(self, pipe, jobs: list[Job], scheduled: int, runs: int, kwargs: dict, clock: Stopwatch,
                  timings: dict) -> torch.Tensor:

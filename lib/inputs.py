@@ -19,6 +19,8 @@ QUALITY_RANGE = (1, 100)
 STRENGTH_RANGE = (0.02, 1.0)
 SEED_RANGE = (0, 2**32 - 1)
 MAX_PROMPT_CHARS = 10_000
+LORA_SCALE_RANGE = (0.0, 2.0)
+MAX_URL_CHARS = 4096
 # LCMScheduler's distillation schedule has this many steps; img2img picks its steps from its first
 # `strength` fraction (the LCM pipeline) or from a full schedule (the LCM-LoRA pipelines).
 LCM_ORIGINAL_STEPS = 50
@@ -43,6 +45,10 @@ class Request:
     strength: float
     output_format: str
     output_quality: int
+    lora_url: str | None = None  # a style LoRA (lib/lora.py), fetched by Engine.job
+    lora_scale: float = 1.0
+    disable_safety_checker: bool = False
+    fast_decode: bool = False  # decode with the mode's TAESD / TAESDXL instead of its VAE
 
     @property
     def seeds(self) -> list[int]:
@@ -106,6 +112,20 @@ def _text(name: str, value, required: bool) -> str | None:
     return value
 
 
+def _lora_url(value) -> str | None:
+    """Its form only; what the URL may point to is checked when it is fetched (lib/lora.py)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"lora_url: {value!r} is not text")
+    value = value.strip()
+    if len(value) > MAX_URL_CHARS:
+        raise InputError(f"lora_url: {len(value)} characters is too long; allowed: up to {MAX_URL_CHARS}")
+    if not value.lower().startswith(("https://", "http://")):
+        raise InputError(f"lora_url: {value[:100]!r} is not an https URL; allowed: https://... (a .safetensors file)")
+    return value
+
+
 def resolve_mode(name, enabled: tuple[str, ...]) -> Mode:
     if name not in MODES:
         raise InputError(f"mode: {name!r} is not a mode; allowed: {', '.join(MODES)}")
@@ -139,6 +159,10 @@ def resolve_request(
     strength=0.5,
     output_format="webp",
     output_quality=80,
+    lora_url=None,
+    lora_scale=1.0,
+    disable_safety_checker=False,
+    fast_decode=False,
 ) -> Request:
     """Check every input and fill in the mode's defaults. `image_size` is the input image's (w, h)."""
     m = resolve_mode(DEFAULT_MODE if mode is None else mode, enabled)
@@ -167,6 +191,14 @@ def resolve_request(
     if not STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]:
         raise InputError(f"strength: {strength:g} is out of range; allowed: {STRENGTH_RANGE[0]:g} to "
                          f"{STRENGTH_RANGE[1]:g}")
+    lora_scale = _number("lora_scale", lora_scale)
+    if not LORA_SCALE_RANGE[0] <= lora_scale <= LORA_SCALE_RANGE[1]:
+        raise InputError(f"lora_scale: {lora_scale:g} is out of range; allowed: {LORA_SCALE_RANGE[0]:g} to "
+                         f"{LORA_SCALE_RANGE[1]:g}")
+    if not isinstance(disable_safety_checker, bool):
+        raise InputError(f"disable_safety_checker: {disable_safety_checker!r} is not true or false")
+    if not isinstance(fast_decode, bool):
+        raise InputError(f"fast_decode: {fast_decode!r} is not true or false")
     return Request(
         mode=m,
         prompt=prompt,
@@ -181,4 +213,8 @@ def resolve_request(
         strength=strength,
         output_format=output_format,
         output_quality=_integer("output_quality", output_quality, *QUALITY_RANGE),
+        lora_url=_lora_url(lora_url),
+        lora_scale=lora_scale,
+        disable_safety_checker=disable_safety_checker,
+        fast_decode=fast_decode,
     )

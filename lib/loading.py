@@ -22,7 +22,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, Mode, Repo
+from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -47,6 +47,7 @@ class LoadedMode:
     mode: Mode
     txt2img: diffusers.DiffusionPipeline
     img2img: diffusers.DiffusionPipeline
+    tiny_vae: diffusers.AutoencoderTiny | None = None  # TAESD / TAESDXL: the `fast_decode` decoder
 
 
 def choose_device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -72,6 +73,8 @@ def required_files(repo: Repo) -> list[str]:
     """Files (relative to the repo) that loading `repo` reads, from its model_index.json's component list."""
     if not repo.components:
         return [LORA_WEIGHT_NAME]
+    if repo.components == (TINY_VAE,):  # TAESD: one model at the repo's root
+        return ["config.json", "diffusion_pytorch_model.safetensors"]
     files = ["model_index.json"]
     for component in repo.components:
         if component == "scheduler":
@@ -79,8 +82,11 @@ def required_files(repo: Repo) -> list[str]:
         elif component.startswith("tokenizer"):
             files += [f"{component}/{name}" for name in
                       ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")]
+        elif component == "feature_extractor":
+            files.append(f"{component}/preprocessor_config.json")
         else:
-            library = "transformers" if component.startswith("text_encoder") else "diffusers"
+            library = "transformers" if component.startswith("text_encoder") or component == "safety_checker" \
+                else "diffusers"
             files += [f"{component}/config.json", weight_file(repo, component, library)]
     return files
 
@@ -178,7 +184,18 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
     pipes = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True), loader.dtype)
     if mode.lora:
         fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.lora))
+    if mode.tiny_vae:
+        pipes.tiny_vae = load_tiny_vae(loader, weights_dir, mode.tiny_vae)
     return pipes
+
+
+def load_tiny_vae(loader: ComponentLoader, weights_dir: Path, repo: Repo) -> diffusers.AutoencoderTiny:
+    """TAESD / TAESDXL (config.json + weights at the repo's root), loaded once for all the modes that use it."""
+    key = ("AutoencoderTiny", repo.repo_id)
+    if key not in loader._loaded:
+        module = diffusers.AutoencoderTiny.from_pretrained(repo_dir(weights_dir, repo), dtype=loader.dtype)
+        loader._loaded[key] = module.to(loader.device).eval().requires_grad_(False)
+    return loader._loaded[key]
 
 
 def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool, dtype: torch.dtype) -> LoadedMode:

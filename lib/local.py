@@ -37,11 +37,28 @@ def run_inputs(runner, raw: dict[str, str] | None = None, **values) -> dict:
     return kwargs
 
 
+async def outputs(runner, **kwargs):
+    """runner.run(**kwargs)'s outputs as an async iterator, driven as Cog drives it: run() is a coroutine that
+    returns a sync iterator (see Batcher.stream), drained here off the event loop."""
+    import asyncio
+
+    iterator = iter(await runner.run(**kwargs))
+    loop, done = asyncio.get_running_loop(), object()
+    try:
+        while (item := await loop.run_in_executor(None, next, iterator, done)) is not done:
+            yield item
+    finally:
+        try:  # canceled while a drain thread waits inside next(): the iterator closes when that returns
+            getattr(iterator, "close", lambda: None)()
+        except ValueError:
+            pass
+
+
 def collect(runner, **kwargs) -> list:
-    """Drive runner.run(**kwargs) (an async generator of outputs) to the end, outside a Cog server."""
+    """Drive runner.run(**kwargs) to the end, outside a Cog server."""
     import asyncio
 
     async def gather():
-        return [output async for output in runner.run(**kwargs)]
+        return [output async for output in outputs(runner, **kwargs)]
 
     return asyncio.run(gather())

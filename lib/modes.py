@@ -5,7 +5,8 @@ Everything else (input validation, loading, the weights manifest, the docs) read
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 # Pipeline families: which diffusers pipeline classes run a mode.
 SD = "sd"
@@ -27,7 +28,7 @@ class Repo:
     repo_id: str
     # Weight-file variant: "fp16" selects model.fp16.safetensors; None the plain files.
     variant: str | None
-    # Subfolders the engine loads (the safety checker and feature extractor are not among them).
+    # Subfolders the engine loads (a mode's pipeline has no safety checker: that is SAFETY_CHECKER, below).
     components: tuple[str, ...]
     licence: str
 
@@ -49,6 +50,8 @@ class Mode:
     guidance_embedded: bool
     default_size: int
     summary: str
+    # The tiny autoencoder (TAESD / TAESDXL) that decodes the same latents ~10x faster: the `fast_decode` input.
+    tiny_vae: Repo | None = None
 
     def guidance_allowed(self, value: float) -> bool:
         if value in self.guidance_values:
@@ -67,7 +70,7 @@ class Mode:
 
     @property
     def repos(self) -> tuple[Repo, ...]:
-        return (self.repo,) if self.lora is None else (self.repo, self.lora)
+        return tuple(r for r in (self.repo, self.lora, self.tiny_vae) if r is not None)
 
 
 SDXL_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae")
@@ -82,29 +85,45 @@ SD15 = Repo("stable-diffusion-v1-5/stable-diffusion-v1-5", "fp16", SD_COMPONENTS
 LCM_LORA_SDXL = Repo("latent-consistency/lcm-lora-sdxl", None, (), "Open RAIL++-M")
 LCM_LORA_SD15 = Repo("latent-consistency/lcm-lora-sdv1-5", None, (), "Open RAIL++-M")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The standard SD safety checker (CLIP ViT-L/14 image tower + concept embeddings), one for every mode. Only these
+# two folders of the SD 1.5 repo: enabling an SDXL mode fetches them, not the SD 1.5 UNet (lib/safety.py).
+SAFETY_CHECKER = Repo(SD15.repo_id, "fp16", ("safety_checker", "feature_extractor"), SD15.licence)
+# TAESD / TAESDXL: an AutoencoderTiny in the diffusers layout at the repo's root (config.json +
+# diffusion_pytorch_model.safetensors); TINY_VAE names that root component.
+TINY_VAE = "taesd"
+TAESD = Repo("madebyollin/taesd", None, (TINY_VAE,), "MIT")
+TAESDXL = Repo("madebyollin/taesdxl", None, (TINY_VAE,), "MIT")
 
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
         Mode("sdxl-turbo", SDXL, SDXL_TURBO, None, None, 1, (1, 4), 0.0, (0.0,), None, False, 512,
-             "SDXL Turbo: 1-4 steps, no guidance, 512px"),
+             "SDXL Turbo: 1-4 steps, no guidance, 512px", TAESDXL),
         Mode("sd-turbo", SD, SD_TURBO, None, None, 1, (1, 4), 0.0, (0.0,), None, False, 512,
-             "SD Turbo: 1-4 steps, no guidance, 512px"),
+             "SD Turbo: 1-4 steps, no guidance, 512px", TAESD),
         Mode("lcm", LCM, LCM_DREAMSHAPER, None, None, 4, (1, 8), 8.0, (), (1.0, 15.0), True, 768,
-             "LCM Dreamshaper v7: 4-8 steps, guidance embedded in the UNet, 768px"),
+             "LCM Dreamshaper v7: 4-8 steps, guidance embedded in the UNet, 768px", TAESD),
         Mode("lcm-lora-sdxl", SDXL, SDXL_BASE, LCM_LORA_SDXL, "LCMScheduler", 4, (2, 8), 1.0, (0.0,), (1.0, 2.0),
-             False, 1024, "SDXL base + LCM-LoRA: 2-8 steps, guidance 0 or 1-2, 1024px"),
+             False, 1024, "SDXL base + LCM-LoRA: 2-8 steps, guidance 0 or 1-2, 1024px", TAESDXL),
         Mode("lcm-lora-sd15", SD, SD15, LCM_LORA_SD15, "LCMScheduler", 4, (2, 8), 1.0, (0.0,), (1.0, 2.0),
-             False, 512, "SD 1.5 + LCM-LoRA: 2-8 steps, guidance 0 or 1-2, 512px"),
+             False, 512, "SD 1.5 + LCM-LoRA: 2-8 steps, guidance 0 or 1-2, 512px", TAESD),
     )
 }
 DEFAULT_MODE = "sdxl-turbo"
 
 
-def all_repos(mode_names) -> list[Repo]:
-    """The repos the given modes need, each once, in table order."""
+def safety_checker_enabled() -> bool:
+    """SAFETY_CHECKER=0 (false/no/off) leaves the safety checker out entirely: not fetched, not loaded."""
+    return os.environ.get("SAFETY_CHECKER", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:
+    """The repos the given modes need, each once, in table order; with `safety_checker`, plus the checker's
+    folders (merged into the SD 1.5 repo's components where a mode loads that repo too)."""
     seen: dict[str, Repo] = {}
-    for name in mode_names:
-        for repo in MODES[name].repos:
-            seen.setdefault(repo.repo_id, repo)
+    for repo in [r for name in mode_names for r in MODES[name].repos] + ([SAFETY_CHECKER] if safety_checker else []):
+        had = seen.setdefault(repo.repo_id, repo)
+        if had is not repo and not set(repo.components) <= set(had.components):
+            seen[repo.repo_id] = replace(had, components=had.components + tuple(
+                c for c in repo.components if c not in had.components))
     return list(seen.values())

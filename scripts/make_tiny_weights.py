@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib.modes import LORA_WEIGHT_NAME, MODES, SDXL_BASE, SDXL_TURBO, Repo, all_repos  # noqa: E402
+from lib.modes import (LORA_WEIGHT_NAME, MODES, SAFETY_CHECKER, SDXL_BASE, SDXL_TURBO, TINY_VAE,  # noqa: E402
+                       Repo, all_repos)
 
 CONFIGS = ROOT / "lib" / "configs"
 
@@ -156,11 +157,46 @@ def write_pipeline_repo(repo: Repo, repo_dir: Path) -> list[Path]:
             written.append(copy_real(repo.repo_id, "scheduler/scheduler_config.json", repo_dir))
         elif component.startswith("tokenizer"):
             written += write_tokenizer(repo.repo_id, component, repo_dir)
+        elif component in SAFETY_CHECKER.components:
+            written += write_safety_checker(repo, component, repo_dir)
         else:
             config = component_config(repo, component)
             model = build(library, class_name, config, seed(repo.repo_id, component))
             written += save_model(model, config, repo_dir / component, library, repo.variant)
     return written
+
+
+# The tiny safety checker: CLIP's image tower shrunk (224 px input, the real preprocessor config, unchanged).
+SAFETY_VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           patch_size=32)
+SAFETY_TEXT_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+SAFETY_PROJECTION_DIM = 32
+# Cosine similarities are at most 1, so thresholds of 2 flag nothing: tests that need flagged images lower
+# them on the loaded checker (tests/test_safety.py), and the real checker code decides.
+SAFETY_TINY_THRESHOLD = 2.0
+
+
+def write_safety_checker(repo: Repo, component: str, repo_dir: Path) -> list[Path]:
+    """The SD safety checker (StableDiffusionSafetyChecker, fp16 as in the real repo) or its feature extractor
+    (the real preprocessor_config.json, byte for byte)."""
+    if component == "feature_extractor":
+        return [copy_real(repo.repo_id, "feature_extractor/preprocessor_config.json", repo_dir)]
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = real_config(repo.repo_id, "safety_checker/config.json")
+    for key, sizes in (("vision_config", SAFETY_VISION_SIZES), ("text_config", SAFETY_TEXT_SIZES)):
+        for name in (key, f"{key}_dict"):  # the legacy *_dict copies win where transformers still reads them
+            if isinstance(config.get(name), dict):
+                config[name].update(sizes)
+    config["projection_dim"] = SAFETY_PROJECTION_DIM
+    torch.manual_seed(seed(repo.repo_id, component))
+    model = StableDiffusionSafetyChecker(transformers.CLIPConfig.from_dict(config))
+    with torch.no_grad():
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+        model.concept_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
+        model.special_care_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
+    return save_model(model, config, repo_dir / component, "transformers", repo.variant)
 
 
 def lora_base(repo: Repo) -> Repo:
@@ -194,8 +230,22 @@ def write_lora_repo(repo: Repo, repo_dir: Path) -> list[Path]:
     return [repo_dir / LORA_WEIGHT_NAME]
 
 
+# TAESD / TAESDXL (AutoencoderTiny): the real block layout with few channels and one block per stage.
+TAESD_SIZES = dict(encoder_block_out_channels=[8, 8, 8, 8], decoder_block_out_channels=[8, 8, 8, 8],
+                   num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1])
+
+
+def write_tiny_vae_repo(repo: Repo, repo_dir: Path) -> list[Path]:
+    """TAESD / TAESDXL: config.json + diffusion_pytorch_model.safetensors at the repo's root (diffusers layout)."""
+    config = {**real_config(repo.repo_id, "config.json"), **TAESD_SIZES}
+    model = build("diffusers", "AutoencoderTiny", config, seed(repo.repo_id, TINY_VAE))
+    return save_model(model, config, repo_dir, "diffusers", repo.variant)
+
+
 def write_repo(repo: Repo, repo_dir: Path) -> list[Path]:
     """One repo's tiny files under repo_dir (= WEIGHTS_DIR/<repo_id>); returns the paths written (repo_dir/...)."""
+    if repo.components == (TINY_VAE,):
+        return write_tiny_vae_repo(repo, repo_dir)
     return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir)
 
 
@@ -203,7 +253,7 @@ def write_tiny_weights(out_dir: Path) -> list[Path]:
     """Every mode's repos under out_dir/<repo_id>/; returns the files written, relative to out_dir."""
     out_dir = Path(out_dir)
     written = []
-    for repo in all_repos(MODES):
+    for repo in all_repos(MODES, safety_checker=True):
         written += write_repo(repo, out_dir / repo.repo_id)
     return [p.relative_to(out_dir) for p in written]
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from lib.batcher import Batcher
 from lib.inputs import InputError
-from lib.local import run_inputs
+from lib.local import outputs, run_inputs
 
 
 class Metrics(dict):
@@ -29,7 +29,7 @@ def batched(predictor):
             paths = []
             # Each task is its own prediction: Cog gives each its own context, and so its own metrics.
             predictor.record_metric = metrics
-            async for path in predictor.run(**run_inputs(predictor, **inputs)):
+            async for path in outputs(predictor, **run_inputs(predictor, **inputs)):
                 paths.append(path)
             return paths, metrics
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, all_repos
+from lib.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, TINY_VAE, all_repos
 from scripts.make_tiny_weights import CONFIGS, LORA_ALPHA, LORA_RANK, write_tiny_weights
 
-REPOS = all_repos(MODES)
+REPOS = all_repos(MODES, safety_checker=True)  # the SD 1.5 repo with the safety checker's folders too
 WEIGHTS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
-           "vae": "diffusion_pytorch_model"}
+           "vae": "diffusion_pytorch_model", "safety_checker": "model"}
 
 
 def sha256(path: Path) -> str:
@@ -25,10 +25,15 @@ def expected_files(repo) -> tuple[set[str], set[str]]:
     """(every file of the repo, those copied verbatim from lib/configs), as in the real repo."""
     if not repo.components:
         return {LORA_WEIGHT_NAME}, set()
+    if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one model at the repo's root
+        return {"config.json", "diffusion_pytorch_model.safetensors"}, set()
     verbatim = {"model_index.json", "scheduler/scheduler_config.json"}
     files = set(verbatim)
     for c in repo.components:
-        if c.startswith("tokenizer"):
+        if c == "feature_extractor":
+            verbatim.add(f"{c}/preprocessor_config.json")
+            files.add(f"{c}/preprocessor_config.json")
+        elif c.startswith("tokenizer"):
             verbatim |= {f"{c}/tokenizer_config.json", f"{c}/special_tokens_map.json"}
             files |= {f"{c}/tokenizer_config.json", f"{c}/special_tokens_map.json", f"{c}/vocab.json",
                       f"{c}/merges.txt"}
@@ -75,7 +80,7 @@ def test_layout_and_verbatim_configs(tiny_weights):
         expected |= {f"{repo.repo_id}/{f}" for f in files}
         for f in verbatim:
             assert (tiny_weights / repo.repo_id / f).read_bytes() == (CONFIGS / repo.repo_id / f).read_bytes(), f
-    assert on_disk == expected  # nothing missing, nothing extra (no safety checker)
+    assert on_disk == expected  # nothing missing, nothing extra
     from lib.loading import required_files  # and the engine's own list of what it reads agrees
 
     assert {f"{r.repo_id}/{f}" for r in REPOS for f in required_files(r)} <= on_disk
