@@ -22,7 +22,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo
+from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, Mode, Repo, repo_files, weight_file
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -32,7 +32,6 @@ transformers.utils.logging.disable_progress_bar()
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
     lambda record: "should be kept in float32: []" not in record.getMessage())
 
-WEIGHT_FILES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 # Config keys that record provenance only; two configs differing in these describe the same module.
 PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "dtype",
                    "torch_dtype")
@@ -64,39 +63,12 @@ def repo_dir(weights_dir: Path, repo: Repo) -> Path:
     return Path(weights_dir) / repo.repo_id
 
 
-def weight_file(repo: Repo, component: str, library: str) -> str:
-    suffix = f".{repo.variant}.safetensors" if repo.variant else ".safetensors"
-    return f"{component}/{WEIGHT_FILES[library]}{suffix}"
-
-
-def required_files(repo: Repo) -> list[str]:
-    """Files (relative to the repo) that loading `repo` reads, from its model_index.json's component list."""
-    if not repo.components:
-        return [LORA_WEIGHT_NAME]
-    if repo.components == (TINY_VAE,):  # TAESD: one model at the repo's root
-        return ["config.json", "diffusion_pytorch_model.safetensors"]
-    files = ["model_index.json"]
-    for component in repo.components:
-        if component == "scheduler":
-            files.append("scheduler/scheduler_config.json")
-        elif component.startswith("tokenizer"):
-            files += [f"{component}/{name}" for name in
-                      ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")]
-        elif component == "feature_extractor":
-            files.append(f"{component}/preprocessor_config.json")
-        else:
-            library = "transformers" if component.startswith("text_encoder") or component == "safety_checker" \
-                else "diffusers"
-            files += [f"{component}/config.json", weight_file(repo, component, library)]
-    return files
-
-
 def check_present(weights_dir: Path, mode_names) -> None:
     """Fail with one message listing every missing file, before any loading starts."""
     missing = []
     for name in mode_names:
         for repo in MODES[name].repos:
-            missing += [f"{repo.repo_id}/{f}" for f in required_files(repo)
+            missing += [f"{repo.repo_id}/{f}" for f in repo_files(repo)
                         if not (repo_dir(weights_dir, repo) / f).is_file()]
     if missing:
         shown = "\n  ".join(sorted(set(missing))[:20])
@@ -126,7 +98,7 @@ class ComponentLoader:
             key: tuple = (repo.repo_id, component)
         else:  # the UNet a LoRA is fused into is that mode's own
             key = (class_name, self._config(repo_path / component), self._digest(
-                repo_path / weight_file(repo, component, library)), lora)
+                repo_path / weight_file(repo, component)), lora)
         if key in self._loaded:
             log.info("%s/%s: sharing the identical component already loaded", repo.repo_id, component)
             return self._loaded[key]

@@ -127,3 +127,32 @@ def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:
             seen[repo.repo_id] = replace(had, components=had.components + tuple(
                 c for c in repo.components if c not in had.components))
     return list(seen.values())
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def weight_file(repo: Repo, component: str) -> str:
+    """A component's safetensors file as the Hub repo names it (fp16 variants: `model.fp16.safetensors`)."""
+    stem = "model" if component.startswith("text_encoder") or component == "safety_checker" \
+        else "diffusion_pytorch_model"  # transformers / diffusers naming
+    return f"{component}/{stem}{f'.{repo.variant}' if repo.variant else ''}.safetensors"
+
+
+def repo_files(repo: Repo) -> list[str]:
+    """Files (relative to the repo) the engine reads from `repo`: what setup() checks and the manifest lists."""
+    if not repo.components:  # a LoRA repo
+        return [LORA_WEIGHT_NAME]
+    if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one diffusers model at the repo's root
+        return ["config.json", "diffusion_pytorch_model.safetensors"]
+    files = ["model_index.json"]
+    for c in repo.components:
+        if c == "scheduler":
+            files.append(f"{c}/scheduler_config.json")
+        elif c.startswith("tokenizer"):
+            files += [f"{c}/{name}" for name in TOKENIZER_FILES]
+        elif c == "feature_extractor":
+            files.append(f"{c}/preprocessor_config.json")
+        else:
+            files += [f"{c}/config.json", weight_file(repo, c)]
+    return files

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .loading import WeightsMissingError, repo_dir, required_files
+from .loading import WeightsMissingError, repo_dir
+from .modes import repo_files
 from .modes import SAFETY_CHECKER, safety_checker_enabled
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class SafetyChecker:
         from transformers import CLIPImageProcessor
 
         folder = repo_dir(weights_dir, SAFETY_CHECKER)
-        missing = [f"{SAFETY_CHECKER.repo_id}/{f}" for f in required_files(SAFETY_CHECKER)
+        missing = [f"{SAFETY_CHECKER.repo_id}/{f}" for f in repo_files(SAFETY_CHECKER)
                    if not (folder / f).is_file()]
         if missing:
             raise WeightsMissingError(

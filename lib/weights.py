@@ -27,7 +27,7 @@ from typing import Callable
 from urllib.parse import quote
 
 from .download import SHA256_RE, Downloader, Job, Probe, Settings, WeightsError, human, write_json
-from .modes import LORA_WEIGHT_NAME, MODES, TINY_VAE, Repo, all_repos
+from .modes import MODES, all_repos, repo_files
 
 __all__ = ["WeightsError", "ensure_weights", "verify_weights", "repo_files", "load_manifest", "Settings"]
 
@@ -35,31 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MANIFEST = ROOT / "weights" / "manifest.json"
 HUB_URL = "https://huggingface.co"
 FREE_MARGIN = 100_000_000  # left free after a download: logs, outputs and the OS need some room too
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 Log = Callable[[str], None]
-
-
-def repo_files(repo: Repo) -> list[str]:
-    """Files (relative to the repo) the engine loads from `repo`: what the manifest must list."""
-    if not repo.components:  # a LoRA repo
-        return [LORA_WEIGHT_NAME]
-    if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one diffusers model at the repo's root
-        return ["config.json", "diffusion_pytorch_model.safetensors"]
-    suffix = f".{repo.variant}.safetensors" if repo.variant else ".safetensors"
-    files = ["model_index.json"]
-    for c in repo.components:
-        if c == "scheduler":
-            files.append(f"{c}/scheduler_config.json")
-        elif c.startswith("tokenizer"):
-            files += [f"{c}/{name}" for name in TOKENIZER_FILES]
-        elif c.startswith("text_encoder") or c == "safety_checker":
-            files += [f"{c}/config.json", f"{c}/model{suffix}"]
-        elif c == "feature_extractor":
-            files.append(f"{c}/preprocessor_config.json")
-        else:  # unet, vae
-            files += [f"{c}/config.json", f"{c}/diffusion_pytorch_model{suffix}"]
-    return files
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,9 @@ def test_layout_and_verbatim_configs(tiny_weights):
         for f in verbatim:
             assert (tiny_weights / repo.repo_id / f).read_bytes() == (CONFIGS / repo.repo_id / f).read_bytes(), f
     assert on_disk == expected  # nothing missing, nothing extra
-    from lib.loading import required_files  # and the engine's own list of what it reads agrees
+    from lib.modes import repo_files  # and the engine's own list of what it reads agrees
 
-    assert {f"{r.repo_id}/{f}" for r in REPOS for f in required_files(r)} <= on_disk
+    assert {f"{r.repo_id}/{f}" for r in REPOS for f in repo_files(r)} <= on_disk
     assert "SimianLuo/LCM_Dreamshaper_v7/unet/diffusion_pytorch_model.safetensors" in on_disk  # variant None
 
 

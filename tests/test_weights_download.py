@@ -18,7 +18,8 @@ import pytest
 from lib import weights
 from lib.download import Settings, WeightsError
 from lib.modes import MODES, all_repos
-from lib.weights import Cache, ensure_weights, repo_files, verify_weights
+from lib.modes import repo_files
+from lib.weights import Cache, ensure_weights, verify_weights
 from tests.http_fixtures import FaultProxy, Nginx, needs_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
