@@ -1,6 +1,6 @@
 """Cross-request batching: concurrent predictions that can share one pipeline call run as one batch.
 
-Cog runs `async def run` predictions concurrently (COG_MAX_CONCURRENCY). Each one submits a Job here; a
+Cog runs `async def run` predictions concurrently (COG_MAX_CONCURRENCY). Each one streams a Job through here; a
 dispatcher waits a short window for others to arrive, then hands the oldest group of compatible jobs
 (same batch_key, up to a cap of images) to one worker thread, so the device runs one batch at a time while
 the event loop stays free. Requests that arrive while a batch runs form the next one.
@@ -17,7 +17,7 @@ import contextvars
 import os
 import queue
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,10 +26,22 @@ from .engine import Cancelled, Engine, Job, Output, batch_key
 _DONE = object()
 
 
+class _Outbox:
+    """One request's outputs: put on the event loop (call_soon_threadsafe), read by Cog's drain thread."""
+
+    def __init__(self):
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.arrived = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        self.items.put(item)
+        self.arrived.set()
+
+
 @dataclass
 class _Entry:
     job: Job
-    queue: asyncio.Queue
+    queue: _Outbox  # where the worker puts this job's outputs, then _DONE or an exception
     context: contextvars.Context
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -41,19 +53,6 @@ def _window_from_env() -> float:
     return float(os.environ.get("BATCH_WINDOW_MS", "5")) / 1000
 
 
-class _Outbox:
-    """One request's outputs for Batcher.stream: put on the event loop (call_soon_threadsafe), read by Cog's
-    drain thread."""
-
-    def __init__(self):
-        self.items: queue.SimpleQueue = queue.SimpleQueue()
-        self.arrived = asyncio.Event()
-
-    def put_nowait(self, item) -> None:
-        self.items.put(item)
-        self.arrived.set()
-
-
 class Batcher:
     def __init__(self, engine: Engine, window: float | None = None, max_images: int | None = None):
         self.engine = engine
@@ -63,27 +62,6 @@ class Batcher:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
-
-    async def submit(self, job: Job) -> AsyncIterator[Output]:
-        """Run `job` (alone or in a batch); yields its outputs as they are written."""
-        loop = asyncio.get_running_loop()
-        if self._dispatcher is None or self._dispatcher.done():
-            self._wakeup = asyncio.Event()
-            self._dispatcher = loop.create_task(self._dispatch())
-        entry = _Entry(job, asyncio.Queue(), contextvars.copy_context())
-        record = job.record
-        job.record = lambda key, value: entry.context.run(record, key, value)
-        self._pending.append(entry)
-        self._wakeup.set()
-        try:
-            while (item := await entry.queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:  # canceled, or the consumer stopped early: the batch drops this job's remaining work
-            job.cancelled = True
-            if entry in self._pending:
-                self._pending.remove(entry)
 
     async def stream(self, job: Job) -> Iterator[Output]:
         """For a Cog server: `return await batcher.stream(job)` from `async def run`. coglet 0.23.1 collects an
