@@ -29,6 +29,10 @@ def main() -> int:
     if bad:
         parser.error(f"-i takes NAME=VALUE, got: {', '.join(bad)}")
 
+    # One prediction needs one mode: fetch and load only that one unless ENABLED_MODES says otherwise.
+    from lib.modes import DEFAULT_MODE
+
+    os.environ.setdefault("ENABLED_MODES", raw.get("mode", DEFAULT_MODE))
     if args.tiny:
         from scripts.make_tiny_weights import write_tiny_weights
 
@@ -42,8 +46,11 @@ def main() -> int:
     predictor = Predictor()
     try:
         predictor.setup()
-    except Exception as e:  # setup's own message says what is missing and how to get it
-        print(f"setup failed: {e}", file=sys.stderr)
+    except Exception as e:  # setup's own message says what is missing and where
+        print(f"setup failed: {e}\n\nThe weights come from the Hugging Face Hub (HF_TOKEN for gated repos) or from "
+              "a mirror in WEIGHTS_BASE_URL (docs/weights.md); files already in WEIGHTS_DIR are used as they are "
+              "with WEIGHTS_OFFLINE=1. To check the whole path offline on tiny random weights:\n"
+              "  scripts/predict.sh --tiny -i prompt=\"a test\"", file=sys.stderr)
         return 1
     metrics = {}
     predictor.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
