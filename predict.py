@@ -11,9 +11,12 @@ from lib import inputs
 from lib.batcher import Batcher
 from lib.engine import Engine
 from lib.images import new_output_dir
-from lib.modes import DEFAULT_MODE, MODES
+from lib.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
 
-MODE_HELP = "; ".join(f"{m.name}: {m.summary}" for m in MODES.values())
+# The model description users see: the turbo modes' weights are licensed for non-commercial use only.
+MODE_HELP = "; ".join(f"{m.name}: {m.summary}" + (" (non-commercial use only: Stability AI Non-Commercial Research "
+                                                  "Community License)" if m.repo.licence == NON_COMMERCIAL else "")
+                      for m in MODES.values())
 
 
 class Predictor(BaseRunner):
