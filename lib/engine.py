@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from . import images, speed, vae
+from .env import env_flag
 from .inputs import InputError, Request, resolve_request
 from .loading import LoadedMode, choose_device_and_dtype, load_modes
 from .lora import LoraFile, fetch as fetch_lora, style_lora
@@ -113,7 +114,7 @@ class Engine:
         """setup(): make sure the enabled modes' weights are cached and verified, then load them.
         WEIGHTS_OFFLINE=1 skips the manifest and any download and loads WEIGHTS_DIR as it is."""
         weights_dir, names = Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env()
-        if os.environ.get("WEIGHTS_OFFLINE", "").lower() not in ("1", "true", "yes"):
+        if not env_flag("WEIGHTS_OFFLINE", False):
             ensure_weights(names, weights_dir, log=log.info, safety_checker=safety_checker_enabled())
         return cls.load(weights_dir, names)
 
@@ -206,8 +207,7 @@ class Engine:
                 if index in checked:  # decoded already, for the safety checker
                     image, seconds, nsfw = checked.pop(index)
                 else:
-                    image, seconds, nsfw = vae.decode(self._decoder(pipe, first), latents[index: index + 1])[0], \
-                        None, False
+                    image, seconds, nsfw = self._decode(pipe, first, latents, index), None, False
                 index += 1
                 timings["vae_decode"] += clock.lap() if seconds is None else seconds
                 flagged += nsfw
@@ -247,7 +247,7 @@ class Engine:
         for _, span in spans:
             for k in span:
                 clock.lap()
-                decoded[k] = (vae.decode(self._decoder(pipe, jobs[0].request), latents[k: k + 1])[0], clock.lap())
+                decoded[k] = (self._decode(pipe, jobs[0].request, latents, k), clock.lap())
         clock.lap()
         flags = dict(zip(decoded, self.safety.flagged([image for image, _ in decoded.values()])))
         timings["safety_checker"] = clock.lap()
@@ -258,6 +258,10 @@ class Engine:
                 log.warning("safety checker: %d of %d image(s) flagged as possibly NSFW and dropped (seeds %s)",
                             len(seeds), len(span), seeds)
         return {k: (image, seconds, flags[k]) for k, (image, seconds) in decoded.items()}
+
+    def _decode(self, pipe, request: Request, latents: torch.Tensor, index: int) -> Image.Image:
+        """Image `index` of the batch, decoded by the request's decoder."""
+        return vae.decode(self._decoder(pipe, request), latents[index: index + 1])[0]
 
     def _decoder(self, pipe, request: Request):
         """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
+from .env import env_flag
 from .inputs import InputError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _env_int(name: str, default: int) -> int:
 
 def allow_http() -> bool:
     """LORA_ALLOW_HTTP=1: http URLs and loopback/private addresses allowed (tests on a loopback server only)."""
-    return os.environ.get("LORA_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("LORA_ALLOW_HTTP", False)
 
 
 def max_bytes() -> int:

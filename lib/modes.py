@@ -5,8 +5,9 @@ Everything else (input validation, loading, the weights manifest, the docs) read
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
+
+from .env import env_flag
 
 # Pipeline families: which diffusers pipeline classes run a mode.
 SD = "sd"
@@ -114,7 +115,7 @@ DEFAULT_MODE = "sdxl-turbo"
 
 def safety_checker_enabled() -> bool:
     """SAFETY_CHECKER=0 (false/no/off) leaves the safety checker out entirely: not fetched, not loaded."""
-    return os.environ.get("SAFETY_CHECKER", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("SAFETY_CHECKER", True)
 
 
 def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:

@@ -36,9 +36,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .env import FALSE, TRUE, env_flag
+
 log = logging.getLogger(__name__)
 
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 VAE_DTYPES = ("auto", "keep", "float32", "bfloat16", "float16")
 COMPILE_TARGETS = ("unet", "vae", "text")
 
@@ -62,19 +63,19 @@ class Settings:
         """The switches from `env` (default os.environ) and `overrides`, with the device's defaults."""
         env = os.environ if env is None else env
         cuda = torch.device(device).type == "cuda"
-        fast = _flag(env, "SPEED", True)
+        fast = env_flag("SPEED", True, env)
         values = {
-            "sdpa": _flag(env, "SPEED_SDPA", True),
-            "tf32": _flag(env, "SPEED_TF32", fast and cuda),
-            "cudnn_benchmark": _flag(env, "SPEED_CUDNN_BENCHMARK", fast and cuda),
-            "channels_last": _flag(env, "SPEED_CHANNELS_LAST", fast and cuda),
-            "fuse_qkv": _flag(env, "SPEED_FUSE_QKV", fast and cuda),
+            "sdpa": env_flag("SPEED_SDPA", True, env),
+            "tf32": env_flag("SPEED_TF32", fast and cuda, env),
+            "cudnn_benchmark": env_flag("SPEED_CUDNN_BENCHMARK", fast and cuda, env),
+            "channels_last": env_flag("SPEED_CHANNELS_LAST", fast and cuda, env),
+            "fuse_qkv": env_flag("SPEED_FUSE_QKV", fast and cuda, env),
             "vae_dtype": env.get("SPEED_VAE_DTYPE", "").strip().lower() or ("auto" if fast else "keep"),
             "compile": _targets(env.get("SPEED_COMPILE", "")),
             "compile_mode": env.get("SPEED_COMPILE_MODE", "").strip(),
             "compile_backend": env.get("SPEED_COMPILE_BACKEND", "").strip() or "inductor",
-            "cuda_graphs": _flag(env, "SPEED_CUDA_GRAPHS", False),
-            "warmup": _flag(env, "SPEED_WARMUP", fast and cuda),
+            "cuda_graphs": env_flag("SPEED_CUDA_GRAPHS", False, env),
+            "warmup": env_flag("SPEED_WARMUP", fast and cuda, env),
         }
         values.update(overrides)
         if values["vae_dtype"] not in VAE_DTYPES:
@@ -93,17 +94,6 @@ class Settings:
         if self.compile:
             extra.append(f"compile={','.join(self.compile)} ({self.compile_mode}, {self.compile_backend})")
         return ", ".join(on + extra)
-
-
-def _flag(env, name: str, default: bool) -> bool:
-    value = env.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in TRUE:
-        return True
-    if value in FALSE:
-        return False
-    raise ValueError(f"{name}: {value!r} is not a switch; allowed: 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _targets(value: str) -> tuple[str, ...]:

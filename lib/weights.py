@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
+from .env import env_flag
 from .download import SHA256_RE, Downloader, Job, Probe, Settings, WeightsError, human, write_json
 from .modes import MODES, all_repos, repo_files
 
@@ -299,7 +300,7 @@ def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None
     cache = Cache(weights_dir)
     entries = plan(mode_names, manifest, lock, manifest_path, safety_checker)
     report = {"files": len(entries), "downloaded": 0, "linked": 0, "rehashed": 0, "bytes": 0}
-    if os.environ.get("WEIGHTS_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if env_flag("WEIGHTS_OFFLINE", False):
         _check_present(entries, cache)
     elif not all(cache.verified(e) for e in entries):
         with cache.locked(log):  # re-checks inside: a process we waited for may have fetched it all
