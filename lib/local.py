@@ -4,9 +4,13 @@ command-line values (`-i key=value`, `-i image=@file.png`) converted to the decl
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 
 from cog.input import FieldInfo
+
+from .env import parse_bool
+from .inputs import InputError
 
 
 def _target_type(annotation):
@@ -14,8 +18,32 @@ def _target_type(annotation):
     return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
 
 
+def parse_input(name: str, text: str, annotation):
+    """A command-line value as the input's declared type: booleans take true/false, 1/0, yes/no (any case);
+    numbers must be numbers; files are `@path` (or a path). Anything else is an InputError naming the input."""
+    target = _target_type(annotation)
+    if target is bool:
+        try:
+            return parse_bool(name, text)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if target in (int, float):
+        try:
+            value = target(text.strip())
+        except ValueError:
+            kind = "a whole number" if target is int else "a number"
+            raise InputError(f"{name}: {text!r} is not {kind}") from None
+        if target is float and not math.isfinite(value):
+            raise InputError(f"{name}: {text!r} is not a finite number")
+        return value
+    if target is str:
+        return text
+    return target(text.removeprefix("@"))  # cog.Path
+
+
 def run_inputs(runner, raw: dict[str, str] | None = None, **values) -> dict:
-    """Keyword arguments for runner.run(): `values` as given, `raw` strings converted, defaults filled."""
+    """Keyword arguments for runner.run(): `values` as given, `raw` strings parsed by each input's declared type,
+    defaults filled."""
     params = inspect.signature(runner.run).parameters
     unknown = set(raw or {}) | set(values)
     unknown -= set(params)
@@ -26,11 +54,7 @@ def run_inputs(runner, raw: dict[str, str] | None = None, **values) -> dict:
         if name in values:
             kwargs[name] = values[name]
         elif raw and name in raw:
-            text = raw[name]
-            target = _target_type(param.annotation)
-            if text.startswith("@"):
-                text = text[1:]
-            kwargs[name] = text if target is str else target(text)
+            kwargs[name] = parse_input(name, raw[name], param.annotation)
         else:
             default = param.default
             kwargs[name] = default.default if isinstance(default, FieldInfo) else default

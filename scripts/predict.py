@@ -44,6 +44,11 @@ def main() -> int:
     from predict import Predictor
 
     predictor = Predictor()
+    try:  # checked before setup: a typo should not wait for the weights
+        inputs = run_inputs(predictor, raw)
+    except ValueError as e:
+        print(f"invalid input: {e}", file=sys.stderr)
+        return 2
     try:
         predictor.setup()
     except Exception as e:  # setup's own message says what is missing and where
@@ -57,7 +62,7 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for path in collect(predictor, **run_inputs(predictor, raw)):
+        for path in collect(predictor, **inputs):
             target = out / Path(path).name
             shutil.move(path, target)
             print(target)
