@@ -90,9 +90,9 @@ class Receiver:
             return 400, {"error": "expected ?job=KEY&attempt=N and a JSON prediction with a status"}
         ledger = self.ledger
         if ledger.seen(dedup):
-            # A signed message whose webhook-id was already applied is a replay: refuse it (Replicate only
-            # resends a message that got no 2xx, and this one did, so nothing is lost).
-            return (409, {"error": "replayed webhook-id"}) if dedup.startswith("id:") else (200, {"outcome": "duplicate"})
+            # Already applied: a sender resends (same webhook-id) when it thinks a delivery failed. Standard
+            # Webhooks asks for a 2xx, else it retries until it gives up and marks the delivery failed.
+            return 200, {"outcome": "duplicate"}
         job = ledger.get(key)
         if job is None:
             return 404, {"error": f"no job {key!r} in the ledger"}
@@ -107,7 +107,7 @@ class Receiver:
         outcome = ledger.apply(key, attempt, dedup, payload, files)
         if outcome == "applied" and status in TERMINAL:
             self.log(f"receiver: job {key} {status}" + (f": {payload.get('error')}" if payload.get("error") else ""))
-        return (409 if outcome == "duplicate" and dedup.startswith("id:") else 200), {"outcome": outcome}
+        return 200, {"outcome": outcome}
 
     def _save_outputs(self, key: str, output, have: list) -> dict[int, str]:
         values = output if isinstance(output, list) else [] if output is None else [output]

@@ -208,7 +208,7 @@ def event(status: str, outputs=(), logs: str = "", **extra) -> bytes:
     return json.dumps(body).encode()
 
 
-def test_forged_replayed_and_expired_signatures_are_rejected(local_receiver):
+def test_forged_and_expired_signatures_are_rejected_and_a_resend_is_acknowledged(local_receiver):
     post, ledger = local_receiver
     body = event("processing", logs="step 1/4: 10 ms\n")
     good = signed_headers(SECRET, body)
@@ -229,7 +229,7 @@ def test_forged_replayed_and_expired_signatures_are_rejected(local_receiver):
     assert ledger.events() == [] and ledger.get("cat")["state"] == "submitted", "a rejected webhook was stored"
 
     assert post(body, good) == (200, {"outcome": "applied"})
-    assert post(body, good)[0] == 409  # the same signed message again: a replay
+    assert post(body, good) == (200, {"outcome": "duplicate"})  # resent: acknowledged, not applied again
     assert len(ledger.events()) == 1 and ledger.get("cat")["state"] == "processing"
     # A signature made here is one Replicate's own client accepts, and a multi-signature header (secret
     # rotation) passes when any v1 entry matches.
@@ -238,6 +238,41 @@ def test_forged_replayed_and_expired_signatures_are_rejected(local_receiver):
     Webhooks.validate(headers=good, body=body.decode(), secret=WebhookSigningSecret(key=SECRET), tolerance=300)
     rotated = {**good, "webhook-signature": f"{signed_headers(OTHER_SECRET, body, good['webhook-id'], int(good['webhook-timestamp']))['webhook-signature']} {good['webhook-signature']}"}
     assert verify_signature(rotated, body, SECRET) == good["webhook-id"]
+
+
+def test_resends_signed_by_the_standard_webhooks_library_are_acknowledged_and_applied_once(local_receiver):
+    """A Standard Webhooks sender (Replicate is one) resends a message with the same webhook-id when it thinks the
+    delivery failed: every copy gets a 2xx, the first is applied, the others change nothing."""
+    from datetime import datetime, timezone
+
+    from standardwebhooks import Webhook
+
+    post, ledger = local_receiver
+    sender = Webhook(SECRET)
+
+    def signed(msg_id: str, body: bytes) -> dict:
+        now = datetime.now(tz=timezone.utc)
+        return {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": sender.sign(msg_id, now, body.decode())}
+
+    processing = event("processing", [png_uri("red")], "step 1/2\n")
+    final = event("succeeded", [png_uri("red"), png_uri("blue")], "step 1/2\nstep 2/2\n",
+                  metrics={"predict_time": 0.5})
+    for msg_id, body, state in (("msg_processing", processing, "processing"), ("msg_final", final, "succeeded")):
+        headers = signed(msg_id, body)
+        sender.verify(body, headers)  # the reference library accepts what it signed
+        assert post(body, headers) == (200, {"outcome": "applied"})
+        before = (ledger.get("cat"), ledger.events())
+        for _ in range(2):
+            assert post(body, signed(msg_id, body)) == (200, {"outcome": "duplicate"})  # a resend, re-signed
+        assert (ledger.get("cat"), ledger.events()) == before and ledger.get("cat")["state"] == state
+    job = ledger.get("cat")
+    assert [Image.open(p).getpixel((0, 0)) for p in job["outputs"]] == [(255, 0, 0), (0, 0, 255)]
+    assert len(ledger.events()) == 2
+    # Our own signer and the reference library agree, byte for byte.
+    now = int(time.time())
+    assert sign(SECRET, "msg_x", now, final) == sender.sign("msg_x", datetime.fromtimestamp(now, timezone.utc),
+                                                           final.decode())
 
 
 def test_duplicates_are_stored_once_and_late_events_never_overwrite_terminal_ones(local_receiver):
