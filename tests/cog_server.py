@@ -1,7 +1,7 @@
 """The real Cog prediction server (cog 0.23.1, `python -m cog.server.http`) for tests, started from the project
 root with the project's Predictor, whose setup() does a real cold start: it downloads the tiny models from a
 mirror served by nginx on loopback into an empty WEIGHTS_DIR. Also a loopback webhook sink that records every
-webhook with its arrival time. Facts about the server: ../shared/reference/cog-notes.md.
+webhook with its arrival time. Facts about the server: docs/serving.md.
 
 One server serves the whole test session (`shared_server`): setup costs seconds, and every module that needs
 a server (test_server.py, test_jobs.py) gets the same one.
@@ -248,12 +248,8 @@ def shared_server(tmp_path_factory, config) -> CogServer:
     if "server" in _shared:
         return _shared["server"]
     from scripts.make_tiny_weights import write_tiny_mirror
-    from tests.http_fixtures import NGINX, Nginx
+    from tests.http_fixtures import Nginx
 
-    if NGINX is None:
-        import pytest
-
-        pytest.skip("nginx is not installed (apt-get install nginx-light; .ci/run does)")
     base = tmp_path_factory.mktemp("cog-server")
     mirror = base / "mirror"
     write_tiny_mirror(mirror)

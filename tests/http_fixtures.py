@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light; CI does)")
+MISSING_NGINX = ("nginx is not installed: scripts/test.sh installs it (the Debian package nginx-light), or run "
+                 "`sudo apt-get install nginx-light`")
 
 
 def free_port() -> int:
@@ -67,6 +66,8 @@ http {{
   server {{ listen 127.0.0.1:{self.port}; root {self.root}; }}
 }}
 """)
+        if NGINX is None:
+            raise RuntimeError(MISSING_NGINX)  # a failure, not a skip: these tests run wherever the suite runs
         self.proc = subprocess.Popen([NGINX, "-p", str(w), "-c", str(w / "nginx.conf"), "-e", str(w / "error.log")],
                                      stdout=subprocess.DEVNULL, stderr=open(w / "stderr.log", "wb"))
         try:

@@ -21,7 +21,7 @@ from safetensors.torch import save, save_file
 from lib import lora
 from lib.engine import Cancelled
 from lib.inputs import InputError
-from tests.http_fixtures import FaultProxy, Nginx, needs_nginx
+from tests.http_fixtures import FaultProxy, Nginx
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -139,7 +139,6 @@ def read(paths) -> list[bytes]:
 
 
 # -- layouts, scale, isolation -------------------------------------------------------------------------------------
-@needs_nginx
 @pytest.mark.parametrize("mode,name", [("lcm", "kohya-sd15"), ("sd-turbo", "peft-sd-turbo"),
                                        ("sdxl-turbo", "kohya-sdxl")],
                          ids=["kohya-sd15-with-text-encoder", "diffusers-layout", "kohya-sdxl-two-text-encoders"])
@@ -156,7 +155,6 @@ def test_style_lora_changes_the_images_and_leaves_no_trace(predictor, run, serve
     assert_untouched(pipe, before)
 
 
-@needs_nginx
 def test_text_encoder_layers_are_applied(predictor, server):
     """The kohya file's lora_te_ layers act: the prompt embeddings change while the LoRA is on."""
     pipe = predictor.engine.modes["lcm"].txt2img
@@ -168,7 +166,6 @@ def test_text_encoder_layers_are_applied(predictor, server):
     assert torch.equal(plain, pipe.text_encoder(ids)[0])
 
 
-@needs_nginx
 def test_scale_zero_equals_the_base_model_and_scale_matters(run, server):
     url = f"{server.url}/peft-sd-turbo.safetensors"
     base, _ = run(**BASE, mode="sd-turbo")
@@ -179,7 +176,6 @@ def test_scale_zero_equals_the_base_model_and_scale_matters(run, server):
     assert len({*read(base), *read(half), *read(full)}) == 3
 
 
-@needs_nginx
 def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server, tiny_weights):
     """lcm-lora-sd15: LCM-LoRA fused at setup + the style adapter == LCM and style as two unfused adapters
     (LCM at 1.0); afterwards the fused UNet is bit-identical (the LCM-LoRA stays fused)."""
@@ -220,7 +216,6 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
     assert len(paths) == 1
 
 
-@needs_nginx
 def test_fused_qkv_attention_is_bypassed_while_the_lora_is_on_and_restored(tiny_weights, server):
     """With SPEED_FUSE_QKV (on by default on CUDA) attention runs to_qkv; a LoRA on to_q/to_k/to_v must not
     be silently ignored, and the fused processors come back afterwards."""
@@ -248,7 +243,6 @@ def test_fused_qkv_attention_is_bypassed_while_the_lora_is_on_and_restored(tiny_
 
 
 # -- what is refused -----------------------------------------------------------------------------------------------
-@needs_nginx
 def test_lora_for_another_base_model_is_refused_naming_the_mismatch(predictor, run, server):
     pipe = predictor.engine.modes["sdxl-turbo"].txt2img
     before = snapshot(pipe)
@@ -267,7 +261,6 @@ def test_lora_for_another_base_model_is_refused_naming_the_mismatch(predictor, r
         run(**BASE, mode="sd-turbo", lora_url=f"{server.url}/not-a-lora.safetensors")
 
 
-@needs_nginx
 @pytest.mark.parametrize("name,what", [("pickled", "zip archive"), ("page", "HTML")])
 def test_non_safetensors_files_are_refused_without_being_loaded(run, server, lora_env, monkeypatch, name, what):
     def never(*args, **kwargs):
@@ -283,7 +276,6 @@ def test_non_safetensors_files_are_refused_without_being_loaded(run, server, lor
     assert not list(lora_env.glob("*.safetensors")) and not list(lora_env.glob(".*.part"))
 
 
-@needs_nginx
 def test_too_big_is_refused_on_content_length(run, server, files, lora_env, monkeypatch):
     size = (files / "kohya-sd15.safetensors").stat().st_size
     monkeypatch.setenv("LORA_MAX_BYTES", str(size - 1))
@@ -409,7 +401,6 @@ class Redirects(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@needs_nginx
 def test_redirects_are_followed_and_every_hop_is_checked(server):
     Redirects.target = f"{server.url}/kohya-sd15-b.safetensors"
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
@@ -428,7 +419,6 @@ def test_redirects_are_followed_and_every_hop_is_checked(server):
 
 
 # -- the cache -----------------------------------------------------------------------------------------------------
-@needs_nginx
 def test_cache_hit_skips_the_download_and_lru_eviction_keeps_the_budget(run, server, files, lora_env, monkeypatch):
     server.reset()
     names = ["kohya-sd15.safetensors", "kohya-sd15-b.safetensors", "kohya-sd15-c.safetensors"]
@@ -453,7 +443,6 @@ def test_cache_hit_skips_the_download_and_lru_eviction_keeps_the_budget(run, ser
     assert len(server.requests("GET", names[1])) == 2
 
 
-@needs_nginx
 def test_a_fetched_lora_survives_its_eviction_until_it_runs(server, lora_env, monkeypatch):
     held = lora.fetch(f"{server.url}/kohya-sd15-b.safetensors")
     monkeypatch.setenv("LORA_CACHE_BYTES", "1")
@@ -462,7 +451,6 @@ def test_a_fetched_lora_survives_its_eviction_until_it_runs(server, lora_env, mo
     assert lora.load_state_dict(held)  # still readable through the job's open file
 
 
-@needs_nginx
 def test_cached_load_is_fast(predictor, server):
     url = f"{server.url}/kohya-sd15-b.safetensors"
     lora.fetch(url)
@@ -474,7 +462,6 @@ def test_cached_load_is_fast(predictor, server):
 
 
 # -- no leak after an error or a cancel ----------------------------------------------------------------------------
-@needs_nginx
 def test_no_leak_after_an_error_during_the_run(predictor, run, server):
     pipe = predictor.engine.modes["lcm"].txt2img
     before = snapshot(pipe)
@@ -494,7 +481,6 @@ def test_no_leak_after_an_error_during_the_run(predictor, run, server):
     assert read(again) == read(base)
 
 
-@needs_nginx
 def test_no_leak_after_a_cancel(predictor, run, server, tmp_path):
     engine = predictor.engine
     pipe = engine.modes["lcm"].txt2img
