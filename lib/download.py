@@ -11,6 +11,12 @@ checksums, and aria2 means driving a subprocess. This is plain `requests` over a
   following it;
 - only a file whose sha256 (and size) verifies is renamed into place, after fsync: a marker that says
   "verified" must never outlive a power cut that the file's bytes did not.
+
+What a file must match: what the server says of it, where it speaks the Hub's protocol (it sends
+`X-Repo-Commit`): for a regular (non-LFS) file its `ETag` is the git blob SHA-1 of the content, for an LFS
+file `X-Linked-Etag` is its sha256 (and `X-Linked-Size` its size); and what the caller pinned (manifest or
+lock), where it pinned something. Bytes that do not match the server's own word are a bad transfer
+(fetched again once); bytes that match it but not the pin are `PinMismatch`: the pin is out of date.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,7 @@ import urllib3
 
 BLOCK = 1 << 20  # read/write unit: big enough to keep Python's per-call overhead small
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 # What a flaky network raises (resets, truncated bodies, timeouts); a full disk (plain OSError) is not one.
 NET_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
               ConnectionError, TimeoutError)
@@ -41,6 +49,39 @@ NET_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.clie
 
 class WeightsError(RuntimeError):
     """Weights could not be fetched or verified; the message names the repo, the file and the URL."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One file whose served content (as the Hub vouches for it) is not what was pinned."""
+
+    label: str
+    pinned_sha256: str | None
+    pinned_size: int | None
+    served_sha256: str
+    served_size: int
+    evidence: str  # why the served hash is the Hub's: "X-Linked-Etag" or "matches its ETag (git blob SHA-1 ...)"
+    commit: str | None
+    repin: str | None  # the command that re-pins it
+
+
+class PinMismatch(WeightsError):
+    """Files the Hub serves, verified against its own ETags, differ from their pinned size or sha256."""
+
+    def __init__(self, mismatches: list[Mismatch]):
+        self.mismatches = mismatches
+        lines = [f"{len(mismatches)} file(s) differ from what the manifest pins, though they are what the Hub says "
+                 "they are:"]
+        for m in mismatches:
+            pinned = f"sha256 {m.pinned_sha256 or '(not pinned)'}" + (f", {m.pinned_size} bytes" if m.pinned_size
+                                                                     is not None else "")
+            lines.append(f"  {m.label}: pinned {pinned}; served sha256 {m.served_sha256}, {m.served_size} bytes "
+                         f"({m.evidence}) at commit {m.commit or '(not sent)'}")
+        commands = sorted({m.repin for m in mismatches if m.repin})
+        lines.append("The repo changed upstream, or the pins were made from another copy of its files. If the served "
+                     "files are the ones to trust, re-pin them (the manifest then names the commit):")
+        lines += [f"  {c}" for c in commands]
+        super().__init__("\n".join(lines))
 
 
 class _Transient(Exception):
@@ -81,22 +122,41 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """What a HEAD learned of a file. The Hub (X-Repo-Commit sent) vouches for the content: an LFS file by its
+    sha256 (X-Linked-Etag), a regular file by the git blob SHA-1 of its content (ETag)."""
+
+    size: int
+    commit: str | None  # X-Repo-Commit: the commit the revision resolved to
+    lfs_sha256: str | None
+    git_sha1: str | None
+    etag: str | None  # the raw validator: a resumed partial is kept only while it is unchanged
+
+    @property
+    def evidence(self) -> str | None:
+        """How the server vouches for the content, for messages (None: it does not)."""
+        if self.lfs_sha256:
+            return "the Hub's X-Linked-Etag"
+        if self.git_sha1:
+            return f"matches the Hub's ETag, git blob SHA-1 {self.git_sha1}"
+        return None
+
+
+@dataclass(frozen=True)
 class Job:
     label: str  # "repo R, file F": every error message starts with it
     url: str
     dest: Path  # final path: replaced atomically, only once verified
     partial: Path  # bytes accumulate here (same filesystem as dest); sidecar partial + ".json"
     size: int
-    sha256: str | None  # None: trust on first download (the caller records the hash it gets)
-    etag: str | None = None  # a resumed partial is kept only while the server's file is the same
+    sha256: str | None  # pinned (manifest or lock); None: trusted on first download, the caller records it
+    probe: Probe | None = None  # what the server said; the content must match what it vouches for
+    pinned_size: int | None = None
+    repin: str | None = None  # the command that re-pins this file, for PinMismatch
 
-
-@dataclass(frozen=True)
-class Probe:
-    size: int
-    commit: str | None  # X-Repo-Commit: the Hub's resolved revision
-    sha256: str | None  # X-Linked-Etag of Hub LFS files is their sha256
-    etag: str | None
+    @property
+    def etag(self) -> str | None:
+        return self.probe.etag if self.probe else None
 
 
 def human(n: float) -> str:
@@ -138,15 +198,22 @@ class Downloader:
         code = r.status_code
         if code < 400:
             return
-        detail = r.headers.get("X-Error-Message")
-        detail = f" ({detail})" if detail else ""
+        kind, message = r.headers.get("X-Error-Code"), r.headers.get("X-Error-Message")
+        detail = f" ({': '.join(x for x in (kind, message) if x)})" if kind or message else ""
+        sent = "the token in HF_TOKEN was refused" if self.token else "no token was sent: HF_TOKEN is not set"
+        if kind == "GatedRepo":
+            raise WeightsError(f"{label}: HTTP {code} from {url}{detail}: the repo is gated ({sent}). Accept its "
+                               "licence on the repo's Hub page with your account, then set HF_TOKEN to a token of "
+                               "that account")
         if code in (401, 403):
-            sent = "the token in HF_TOKEN was refused" if self.token else "no token was sent"
             raise WeightsError(f"{label}: HTTP {code} from {url}{detail}: access denied ({sent}). Gated or "
                                "private repos need HF_TOKEN set to a token whose account accepted the licence")
         if code == 404:
-            raise WeightsError(f"{label}: HTTP 404 not found at {url}{detail}: check the repo, revision and "
-                               "path in the manifest, and that WEIGHTS_BASE_URL mirrors them")
+            what = {"EntryNotFound": "the file is not in the repo at this revision",
+                    "RevisionNotFound": "the revision does not exist in the repo",
+                    "RepoNotFound": "the repo does not exist (or is private)"}.get(kind, "not found")
+            raise WeightsError(f"{label}: HTTP 404 from {url}{detail}: {what}. Check the repo, revision and path "
+                               "in the manifest, and that WEIGHTS_BASE_URL mirrors them")
         if code in (408, 429) or code >= 500:
             raise _Transient(f"HTTP {code}")
         raise WeightsError(f"{label}: HTTP {code} from {url}{detail}")
@@ -157,6 +224,9 @@ class Downloader:
                                f"({url}); WEIGHTS_TIMEOUT/WEIGHTS_RETRIES tune the patience")
         delay = min(self.settings.backoff * 2 ** (failures - 1), 8.0)
         self.log(f"weights: {label}: {reason}; retry {failures}/{self.settings.retries} in {delay:.1f} s")
+        self._sleep(delay, abort)
+
+    def _sleep(self, delay: float, abort: threading.Event | None = None) -> None:
         end = time.monotonic() + delay
         while (left := end - time.monotonic()) > 0:
             self._raise_if_aborted(abort)
@@ -167,22 +237,69 @@ class Downloader:
         if self._cancel.is_set() or (abort is not None and abort.is_set()):
             raise _Aborted()
 
-    def probe(self, url: str, label: str) -> Probe:
-        """HEAD a file: its size, and the Hub's commit and sha256 when the server says them."""
+    def probe_all(self, targets: list[tuple[str, str]]) -> list[Probe]:
+        """HEAD every (url, label) in parallel. Failures worth retrying are retried in rounds, all waiting files
+        together, with one log line per round; after WEIGHTS_RETRIES rounds, one error says what is wrong."""
+        results: list[Probe | None] = [None] * len(targets)
+        waiting, rounds, started = list(range(len(targets))), 0, time.monotonic()
+        with ThreadPoolExecutor(min(self.settings.connections, max(1, len(targets)))) as pool:
+            while waiting:
+                failed = {}
+                for i, outcome in zip(waiting, pool.map(lambda i: self._probe_once(*targets[i]), waiting)):
+                    if isinstance(outcome, Probe):
+                        results[i] = outcome
+                    else:
+                        failed[i] = outcome
+                if not failed:
+                    break
+                rounds += 1
+                reasons = Counter(failed.values())
+                reason = reasons.most_common(1)[0][0] + (f" (and {len(reasons) - 1} other reasons)"
+                                                         if len(reasons) > 1 else "")
+                url, label = targets[next(iter(failed))]
+                if rounds > self.settings.retries:
+                    raise WeightsError(
+                        f"{len(failed)} of {len(targets)} file(s) could not be reached at {_host(url)}: {reason}; "
+                        f"gave up after {rounds} attempts in {time.monotonic() - started:.0f} s (first: {label}, "
+                        f"{url}). Check this machine's network access to {_host(url)}, or set WEIGHTS_BASE_URL to a "
+                        "mirror you can reach, or WEIGHTS_OFFLINE=1 to load files already in WEIGHTS_DIR")
+                delay = min(self.settings.backoff * 2 ** (rounds - 1), 8.0)
+                self.log(f"weights: {len(failed)} file(s) not reachable at {_host(url)}: {reason}; retry "
+                         f"{rounds}/{self.settings.retries} in {delay:.1f} s")
+                self._sleep(delay)
+                waiting = list(failed)
+        return results  # type: ignore[return-value]
+
+    def _probe_once(self, url: str, label: str) -> Probe | str:
+        """One HEAD: the Probe, or the reason of a failure worth retrying. Other failures raise WeightsError."""
+        try:
+            hops = self._head(url)
+            r = hops[-1]
+            self._check(r, label, url)
+        except (_Transient, *NET_ERRORS) as e:
+            return _reason(e)
+        headers = [h.headers for h in hops]
+        size = _first(headers, "X-Linked-Size") or r.headers.get("Content-Length")
+        if size is None:
+            raise WeightsError(f"{label}: the server sent no size for {url}")
+        commit = _first(headers, "X-Repo-Commit")
+        linked = _unquote(_first(headers, "X-Linked-Etag"))
+        etag = _unquote(r.headers.get("ETag"))
+        hub = commit is not None  # only the Hub's ETags have a meaning we can check
+        return Probe(int(size), commit, linked if hub and SHA256_RE.match(linked or "") else None,
+                     etag if hub and not linked and SHA1_RE.match(etag or "") else None, linked or etag)
+
+    def fetch_bytes(self, url: str, label: str, size: int) -> bytes:
+        """A small file, whole, into memory (retried like the HEADs)."""
         failures = 0
         while True:
             try:
-                hops = self._head(url)
-                r = hops[-1]
-                self._check(r, label, url)
-                headers = [h.headers for h in hops]
-                size = _first(headers, "X-Linked-Size") or r.headers.get("Content-Length")
-                if size is None:
-                    raise WeightsError(f"{label}: the server sent no size for {url}")
-                linked = (_first(headers, "X-Linked-Etag") or "").strip('"').lower()
-                etag = linked or (r.headers.get("ETag") or "").removeprefix("W/").strip('"') or None
-                return Probe(int(size), _first(headers, "X-Repo-Commit"),
-                             linked if SHA256_RE.match(linked) else None, etag)
+                with self._request("GET", url, url) as r:
+                    self._check(r, label, url)
+                    data = r.raw.read(size + 1, decode_content=False)
+                if len(data) != size:
+                    raise _Transient(f"got {len(data)} bytes, expected {size}")
+                return data
             except (_Transient, *NET_ERRORS) as e:
                 failures += 1
                 self._backoff(failures, label, url, _reason(e))
@@ -213,8 +330,15 @@ class Downloader:
             got = off
             try:
                 with self._request("GET", url, job.url, Range=f"bytes={off}-{end - 1}") as r:
-                    if url != job.url and r.status_code >= 400:  # e.g. an expired signed URL
-                        raise _Transient(f"HTTP {r.status_code} from the redirect target")
+                    if url != job.url and r.status_code >= 400:
+                        # The redirect target refused: its signed URL expired. Ask the origin for a fresh one,
+                        # at once and without counting a failure (a refusal right after a redirect is one).
+                        route.pop("direct", None)
+                        continue
+                    if r.history and r.status_code in (400, 401, 403):
+                        raise WeightsError(f"{job.label}: HTTP {r.status_code} from {_host(r.url)}, where {job.url} "
+                                           "redirected: the download link it gave was refused at once (is this "
+                                           "machine's clock right?)")
                     self._check(r, job.label, job.url)
                     _check_range(r, job, off)
                     route["direct"] = r.url
@@ -235,7 +359,8 @@ class Downloader:
 
     # -- one file -------------------------------------------------------------------------------------------
     def _fetch_file(self, job: Job, chunks_pool: ThreadPoolExecutor, progress: "_Progress") -> str:
-        """Download, verify and place one file; returns its sha256. A wrong hash refetches once from zero."""
+        """Download, verify and place one file; returns its sha256. Bytes that do not match what the server
+        vouches for, or (where it vouches for nothing) the pin, are fetched again once from zero."""
         for attempt in (1, 2):
             self._raise_if_aborted(None)
             part = _Partial(job, self.settings.chunk_size)
@@ -243,22 +368,30 @@ class Downloader:
                 self.log(f"weights: {job.label}: resuming, {human(part.done_bytes())} already on disk")
             progress.skip(part.done_bytes())
             try:
-                sha = self._transfer(job, part, chunks_pool, progress)
+                sha, git_sha1 = self._transfer(job, part, chunks_pool, progress)
             except BaseException:
                 part.close()
                 if not part.done:
                     part.discard()  # nothing a later run could resume
                 raise
             part.close()
-            if job.sha256 is None or sha == job.sha256:
+            bad = _unvouched(job, sha, git_sha1)
+            if bad is None and (job.sha256 is None or sha == job.sha256):
                 job.dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(job.partial, job.dest)
                 part.forget()
                 return sha
             part.discard()
+            if bad is None and job.probe and job.probe.evidence:  # the Hub's own file: the pin is what is wrong
+                raise PinMismatch([Mismatch(job.label, job.sha256, job.pinned_size, sha, job.size, job.probe.evidence,
+                                            job.probe.commit, job.repin)])
             progress.unskip(job.size)
             if attempt == 1:
-                self.log(f"weights: {job.label}: sha256 mismatch (got {sha}), fetching it again")
+                self.log(f"weights: {job.label}: {bad or f'sha256 mismatch (got {sha})'}, fetching it again")
+        if bad:
+            raise WeightsError(f"{job.label}: twice from {job.url}, the bytes received do not match what the server "
+                               f"says of the file: {bad}. The transfer is corrupted on the way (a proxy?); try again "
+                               "or from another network")
         raise WeightsError(f"{job.label}: sha256 mismatch twice from {job.url}: got {sha}, expected "
                            f"{job.sha256}. The server's file is not the pinned one (upstream changed, or a "
                            "bad mirror); if the new file is trusted, re-pin it in the manifest")
@@ -274,6 +407,8 @@ class Downloader:
         futures = {i: pool.submit(chunk, i, s, e) for i, (s, e) in enumerate(part.chunks) if i not in part.done}
         flusher = _Flusher(part.fd) if len(part.chunks) > 1 else None
         h, buf = hashlib.sha256(), memoryview(bytearray(max(1, min(8 << 20, job.size))))
+        # A regular file's git blob SHA-1 (the Hub's ETag) covers a header, then the content.
+        g = hashlib.sha1(b"blob %d\0" % job.size) if job.probe and job.probe.git_sha1 else None
         try:
             # The hash follows the bytes in file order as they land (read back from the page cache), so
             # it runs alongside the transfer and little is left to hash when the last byte arrives.
@@ -281,7 +416,7 @@ class Downloader:
                 pos = s
                 while pos < e:
                     upto = frontier.wait(i, pos, futures.get(i))
-                    _hash_range(h, part.fd, pos, upto, buf)
+                    _hash_range((h, g) if g else (h,), part.fd, pos, upto, buf)
                     pos = upto
                 if flusher:
                     flusher.kick()
@@ -296,14 +431,14 @@ class Downloader:
             if flusher:
                 flusher.stop()
         os.fsync(part.fd)  # durable before it can be renamed into place and marked verified
-        return h.hexdigest()
+        return h.hexdigest(), g.hexdigest() if g else None
 
     # -- many files -----------------------------------------------------------------------------------------
     def fetch_all(self, jobs: list[Job], on_done: Callable[[Job, str], None]) -> int:
         """Fetch jobs, several at once, biggest first; on_done(job, sha256) runs in this thread as each lands.
 
-        The first error stops the others (their partials stay for a resume) and is raised. Returns bytes
-        transferred."""
+        The first error stops the others (their partials stay for a resume) and is raised; pin mismatches do not
+        stop the others and are raised together at the end. Returns bytes transferred."""
         self._cancel.clear()
         s = self.settings
         jobs = sorted(jobs, key=lambda j: -j.size)
@@ -311,7 +446,7 @@ class Downloader:
                 ThreadPoolExecutor(s.connections, thread_name_prefix="chunk") as chunks, \
                 ThreadPoolExecutor(s.files, thread_name_prefix="file") as files:
             futures = {files.submit(self._fetch_file, j, chunks, progress): j for j in jobs}
-            error = None
+            error, mismatches = None, []
             try:
                 for f in as_completed(futures):
                     try:
@@ -319,6 +454,8 @@ class Downloader:
                         progress.files_done += 1
                     except _Aborted:
                         pass
+                    except PinMismatch as e:
+                        mismatches += e.mismatches
                     except Exception as e:
                         error = error or e
                         self._cancel.set()
@@ -327,6 +464,8 @@ class Downloader:
                 raise
             if error:
                 raise error
+            if mismatches:
+                raise PinMismatch(sorted(mismatches, key=lambda m: m.label))
             return progress.fetched
 
 
@@ -492,13 +631,29 @@ def _check_range(r: requests.Response, job: Job, off: int) -> None:
                            f"expected {job.size} ({job.url})")
 
 
-def _hash_range(h, fd: int, start: int, end: int, buf: memoryview) -> None:
+def _hash_range(hashes, fd: int, start: int, end: int, buf: memoryview) -> None:
     while start < end:
         n = os.preadv(fd, [buf[: min(len(buf), end - start)]], start)  # into one buffer: no allocations
         if not n:
             raise WeightsError(f"partial file ended early at byte {start}")
-        h.update(buf[:n])
+        for h in hashes:
+            h.update(buf[:n])
         start += n
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git blob SHA-1 of `data`: what the Hub sends as the ETag of a regular (non-LFS) file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _unvouched(job: Job, sha256: str, git_sha1: str | None) -> str | None:
+    """How the bytes received differ from what the server vouches for (None: they match, or it vouches for nothing)."""
+    p = job.probe
+    if p and p.lfs_sha256 and sha256 != p.lfs_sha256:
+        return f"sha256 {sha256}, but the Hub's X-Linked-Etag says {p.lfs_sha256}"
+    if p and p.git_sha1 and git_sha1 != p.git_sha1:
+        return f"git blob SHA-1 {git_sha1}, but the Hub's ETag says {p.git_sha1}"
+    return None
 
 
 def write_json(path: Path, data) -> None:
@@ -516,9 +671,27 @@ def _origin(url: str) -> tuple[str, str]:
     return u.scheme, u.netloc
 
 
+def _unquote(etag: str | None) -> str | None:
+    return etag.removeprefix("W/").strip('"').lower() or None if etag else None
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc
+
+
 def _reason(e: BaseException) -> str:
+    """A short, stable reason for a failure worth retrying (the same for every file a dead host fails)."""
     if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
         return "stalled (no data within WEIGHTS_TIMEOUT)"
-    while e.args and isinstance(e.args[0], BaseException):  # requests wraps urllib3 wraps the socket error
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:  # requests wraps urllib3 wraps the socket error
+        seen.add(id(chain))
+        if isinstance(chain, urllib3.exceptions.NameResolutionError):
+            return "the host name does not resolve (no DNS, or no network)"
+        if isinstance(chain, ConnectionRefusedError) or "Connection refused" in str(chain):
+            return "connection refused"
+        chain = getattr(chain, "reason", None) or chain.__cause__ or next(
+            (a for a in chain.args if isinstance(a, BaseException)), None)
+    while e.args and isinstance(e.args[0], BaseException):
         e = e.args[0]
     return (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)) or type(e).__name__

@@ -20,7 +20,7 @@ from .loading import LoadedMode, choose_device_and_dtype, load_modes
 from .lora import LoraFile, fetch as fetch_lora, style_lora
 from .modes import MODES, safety_checker_enabled
 from .safety import AllImagesFlagged, SafetyChecker, load_from_env as load_safety_checker
-from .weights import ensure_weights
+from .weights import ensure_weights, weights_dir_from_env
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Engine:
     def from_env(cls) -> Engine:
         """setup(): make sure the enabled modes' weights are cached and verified, then load them.
         WEIGHTS_OFFLINE=1 skips the manifest and any download and loads WEIGHTS_DIR as it is."""
-        weights_dir, names = Path(os.environ.get("WEIGHTS_DIR", "weights")), enabled_modes_from_env()
+        weights_dir, names = weights_dir_from_env(), enabled_modes_from_env()
         if not env_flag("WEIGHTS_OFFLINE", False):
             ensure_weights(names, weights_dir, log=log.info, safety_checker=safety_checker_enabled())
         return cls.load(weights_dir, names)

@@ -49,6 +49,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .env import env_flag
 from .inputs import InputError
+from .weights import weights_dir_from_env
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def cache_budget() -> int:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_CACHE_DIR") or Path(os.environ.get("WEIGHTS_DIR") or "weights") / ".loras")
+    return Path(os.environ.get("LORA_CACHE_DIR") or weights_dir_from_env() / ".loras")
 
 
 def shown(url: str) -> str:

@@ -27,13 +27,16 @@ from typing import Callable
 from urllib.parse import quote
 
 from .env import env_flag
-from .download import SHA256_RE, Downloader, Job, Probe, Settings, WeightsError, human, write_json
+from .download import (SHA256_RE, Downloader, Job, Mismatch, PinMismatch, Probe, Settings, WeightsError,
+                       git_blob_sha1, human, write_json)
 from .modes import MODES, all_repos, repo_files
 
-__all__ = ["WeightsError", "ensure_weights", "verify_weights", "repo_files", "load_manifest", "Settings"]
+__all__ = ["WeightsError", "PinMismatch", "ensure_weights", "verify_weights", "pin", "repo_files", "load_manifest",
+           "Settings", "weights_dir_from_env"]
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MANIFEST = ROOT / "weights" / "manifest.json"
+DEFAULT_WEIGHTS_DIR = ROOT / "weights"
+DEFAULT_MANIFEST = DEFAULT_WEIGHTS_DIR / "manifest.json"
 HUB_URL = "https://huggingface.co"
 FREE_MARGIN = 100_000_000  # left free after a download: logs, outputs and the OS need some room too
 
@@ -61,6 +64,12 @@ class Entry:
 
 
 # -- manifest and lock ------------------------------------------------------------------------------------
+def weights_dir_from_env() -> Path:
+    """WEIGHTS_DIR, else the project's weights/ folder: one default for setup, the operator script and the
+    LoRA cache, whatever the working directory."""
+    return Path(os.environ.get("WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR)
+
+
 def manifest_path_from_env(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("WEIGHTS_MANIFEST") or DEFAULT_MANIFEST)
 
@@ -207,6 +216,54 @@ def plan(mode_names, manifest: dict, lock: Lock, manifest_path: Path, safety_che
     return [e for e in _entries([r.repo_id for r in repos], manifest, lock) if (e.repo_id, e.path) in wanted]
 
 
+def pin(repo_ids, *, manifest_path=None, base_url=None, token=None, revision: str | None = None, log: Log = print,
+        settings: Settings | None = None) -> dict:
+    """Pin each repo in the manifest to the commit its revision (or `revision`) resolves to on the Hub, with the
+    size and sha256 the Hub vouches for of every file the manifest lists: LFS files from their X-Linked-Etag
+    (HEAD only), regular files downloaded (they are small) and checked against their git blob SHA-1 ETag.
+    Writes the manifest; returns per repo the old revision, the commit and the files whose pins changed."""
+    manifest_path = manifest_path_from_env(manifest_path)
+    manifest = load_manifest(manifest_path)
+    unknown = [r for r in repo_ids if r not in manifest["repos"]]
+    if unknown:
+        raise WeightsError(f"{manifest_path} has no repo {', '.join(unknown)}; it has {', '.join(manifest['repos'])}")
+    base = (base_url or os.environ.get("WEIGHTS_BASE_URL") or HUB_URL).rstrip("/")
+    token = token if token is not None else os.environ.get("HF_TOKEN") or None
+    entries = [Entry(r, path, revision or manifest["repos"][r]["revision"], None, None, None)
+               for r in repo_ids for path in manifest["repos"][r]["files"]]
+    downloader = Downloader(settings or Settings.from_env(), token=token, log=log)
+    commits, values = {}, {}
+    try:
+        for e, p in zip(entries, downloader.probe_all([(e.url(base), e.label) for e in entries])):
+            if not (p.evidence and p.commit):
+                raise WeightsError(f"{e.label}: {base} does not vouch for its files as the Hub does (no X-Repo-Commit "
+                                   "and ETags); pin needs the Hub. For a mirror, `scripts/weights.py mirror` measures "
+                                   "the files instead")
+            if commits.setdefault(e.repo_id, p.commit) != p.commit:
+                raise WeightsError(f"repo {e.repo_id} moved from commit {commits[e.repo_id]} to {p.commit} while "
+                                   "pinning; run pin again")
+            if p.lfs_sha256:
+                values[e.repo_id, e.path] = {"sha256": p.lfs_sha256, "size": p.size}
+                continue
+            data = downloader.fetch_bytes(replace(e, commit=p.commit).url(base), e.label, p.size)
+            if git_blob_sha1(data) != p.git_sha1:
+                raise WeightsError(f"{e.label}: the bytes received do not match the Hub's ETag {p.git_sha1}; try again")
+            values[e.repo_id, e.path] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    finally:
+        downloader.close()
+    report = {}
+    for repo_id in repo_ids:
+        spec = manifest["repos"][repo_id]
+        files = {path: values[repo_id, path] for path in spec["files"]}
+        report[repo_id] = {"revision": spec["revision"], "commit": commits[repo_id],
+                           "changed": [path for path in files if files[path] != spec["files"][path]]}
+        spec.update(revision=commits[repo_id], files=files)
+        log(f"weights: pinned {repo_id} ({report[repo_id]['revision']}) to commit {commits[repo_id]}; "
+            f"{len(report[repo_id]['changed'])} of {len(files)} file pins changed")
+    write_manifest(manifest_path, manifest)
+    return report
+
+
 # -- the cache directory ----------------------------------------------------------------------------------
 def hash_file(path: Path) -> str:
     with open(path, "rb") as f:
@@ -306,7 +363,8 @@ def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None
         with cache.locked(log):  # re-checks inside: a process we waited for may have fetched it all
             base = (base_url or os.environ.get("WEIGHTS_BASE_URL") or HUB_URL).rstrip("/")
             token = token if token is not None else os.environ.get("HF_TOKEN") or None
-            _fill(entries, cache, manifest, lock, base, token, log, settings or Settings.from_env(), report)
+            _fill(entries, cache, manifest, manifest_path, lock, base, token, log, settings or Settings.from_env(),
+                  report)
     _learn(entries, cache, lock)
     lock.save(log)
     report["seconds"] = round(time.monotonic() - t0, 3)
@@ -366,8 +424,8 @@ def _learn(entries: list[Entry], cache: Cache, lock: Lock) -> None:
             lock.learn(e, cache.path(e).stat().st_size, sha)
 
 
-def _fill(entries, cache: Cache, manifest: dict, lock: Lock, base: str, token, log: Log, settings: Settings,
-          report: dict) -> None:
+def _fill(entries, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock, base: str, token, log: Log,
+          settings: Settings, report: dict) -> None:
     todo = []
     for e in entries:
         if cache.verified(e):
@@ -399,11 +457,15 @@ def _fill(entries, cache: Cache, manifest: dict, lock: Lock, base: str, token, l
         return
     downloader = Downloader(settings, token=token, log=log)
     try:
-        jobs = []
-        for e, probe in resolve(list(leaders.values()), base, downloader):
+        jobs, resolved = [], {}
+        probed, mismatches = resolve(list(leaders.values()), base, downloader, manifest_path)
+        for e, probe in probed:
             if e.commit and lock.repo(e.repo_id, e.revision).get("commit") != e.commit:
                 lock.pin(e.repo_id, e.revision, e.commit)
-            jobs.append(Job(e.label, e.url(base), cache.path(e), cache.partial(e), e.size, e.sha256, probe.etag))
+            job = Job(e.label, e.url(base), cache.path(e), cache.partial(e), probe.size, e.sha256, probe, e.size,
+                      repin_command(e.repo_id, manifest_path))
+            jobs.append(job)
+            resolved[job] = e
         lock.save(log)  # a run killed from here on still fetches the rest from the same commit
         need = sum(j.size - _allocated(j.partial, j.size) for j in jobs)
         free = free_bytes(cache.root)
@@ -412,10 +474,9 @@ def _fill(entries, cache: Cache, manifest: dict, lock: Lock, base: str, token, l
                                f"(+{human(FREE_MARGIN)} headroom), {human(free)} free; free some space or point "
                                "WEIGHTS_DIR at a bigger disk")
         log(f"weights: fetching {len(jobs)} files ({human(need)}) from {base} into {cache.root}")
-        by_job = dict(zip(jobs, leaders.values()))
 
         def done(job: Job, sha: str) -> None:
-            e = by_job[job]
+            e = resolved[job]
             cache.mark(e, sha)
             report["downloaded"] += 1
             for f in followers:
@@ -424,26 +485,40 @@ def _fill(entries, cache: Cache, manifest: dict, lock: Lock, base: str, token, l
                     cache.mark(f, sha)
                     report["linked"] += 1
 
-        report["bytes"] = downloader.fetch_all(jobs, done)
+        try:
+            report["bytes"] = downloader.fetch_all(jobs, done)
+        except PinMismatch as e:
+            mismatches += e.mismatches
+        if mismatches:
+            raise PinMismatch(sorted(mismatches, key=lambda m: m.label))
     finally:
         downloader.close()
 
 
-def resolve(todo: list[Entry], base: str, downloader: Downloader) -> list[tuple[Entry, Probe]]:
-    """HEAD every file before any download: sizes (for the disk check), early 404/401s, the server's sha256,
-    and the commit a revision resolves to (X-Repo-Commit), which the GETs then pin: one commit per repo.
-    Returns the entries completed with what the server said."""
-    with ThreadPoolExecutor(downloader.settings.connections) as pool:
-        probes = list(pool.map(lambda e: downloader.probe(e.url(base), e.label), todo))
-    commits, out = {}, []
+def resolve(todo: list[Entry], base: str, downloader: Downloader,
+            manifest_path: Path) -> tuple[list[tuple[Entry, Probe]], list[Mismatch]]:
+    """HEAD every file before any download: sizes (for the disk check), early 404/401s, what the Hub vouches
+    for (the sha256 of LFS files, the git blob SHA-1 of the others), and the commit a revision resolves to
+    (X-Repo-Commit), which the GETs then pin: one commit per repo. Returns the entries completed with what
+    the server said, and the LFS files whose pins the Hub already contradicts (not to be downloaded)."""
+    probes = downloader.probe_all([(e.url(base), e.label) for e in todo])
+    commits, out, mismatches = {}, [], []
     for e, p in zip(todo, probes):
-        for what, ours, theirs in (("bytes", e.size, p.size), ("sha256", e.sha256, p.sha256)):
-            if ours is not None and theirs is not None and ours != theirs:
-                raise WeightsError(f"{e.label}: {e.url(base)} has {what} {theirs} but the manifest says {ours}: "
-                                   "the server's file is not the pinned one; re-pin it in the manifest if trusted")
         commit = e.commit or commits.setdefault(e.repo_id, p.commit)
-        out.append((replace(e, commit=commit, size=p.size, sha256=e.sha256 or p.sha256), p))
-    return out
+        if p.lfs_sha256 and (e.sha256 not in (None, p.lfs_sha256) or e.size not in (None, p.size)):
+            mismatches.append(Mismatch(e.label, e.sha256, e.size, p.lfs_sha256, p.size, p.evidence, commit,
+                                       repin_command(e.repo_id, manifest_path)))
+            continue
+        if not p.evidence and e.size not in (None, p.size):  # a plain mirror: its size is all it says
+            raise WeightsError(f"{e.label}: {e.url(base)} has {p.size} bytes but the manifest says {e.size}: the "
+                               "server's file is not the pinned one; re-pin it in the manifest if trusted")
+        out.append((replace(e, commit=commit), p))
+    return out, mismatches
+
+
+def repin_command(repo_id: str, manifest_path: Path) -> str:
+    where = "" if Path(manifest_path).resolve() == DEFAULT_MANIFEST.resolve() else f"WEIGHTS_MANIFEST={manifest_path} "
+    return f"{where}python scripts/weights.py pin {repo_id}"
 
 
 def _allocated(path: Path, size: int) -> int:

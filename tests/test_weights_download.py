@@ -20,7 +20,7 @@ from lib.download import Settings, WeightsError
 from lib.modes import MODES, all_repos
 from lib.modes import repo_files
 from lib.weights import Cache, ensure_weights, verify_weights
-from tests.http_fixtures import FaultProxy, Nginx, needs_nginx
+from tests.http_fixtures import FaultProxy, Nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -31,9 +31,6 @@ COMMIT = "c0ffee" * 6 + "c0ffee0f"  # what the mirror says sd-turbo's "main" res
 FAST = Settings(connections=4, files=4, chunk_size=16 * MiB, timeout=1.0, retries=2, backoff=0.05,
                 progress_seconds=0.3)
 SUB_ENV = {"WEIGHTS_TIMEOUT": "1", "WEIGHTS_RETRIES": "2", "WEIGHTS_CONNECTIONS": "4"}
-
-pytestmark = needs_nginx
-
 
 def _content(repo, path: str, rng: random.Random) -> bytes:
     if path == BIG and repo.repo_id == "stabilityai/sd-turbo":
@@ -411,12 +408,41 @@ def test_tracked_manifest_lists_every_file_the_modes_load():
     assert turbo == base is not None
 
 
-@pytest.mark.skipif(not (ROOT.parent / "shared/reference").is_dir(), reason="reference tables not here")
-def test_tracked_manifest_is_what_the_generator_makes(tmp_path):
+def test_tracked_manifest_is_what_the_generator_makes():
     from scripts.weights import build_manifest
 
     tracked = weights.load_manifest(weights.DEFAULT_MANIFEST)
-    assert build_manifest(ROOT.parent / "shared/reference", tracked) == tracked
+    assert build_manifest(tracked) == tracked
+
+
+CONFIGS = ROOT / "lib" / "configs"
+
+
+def test_no_shipped_config_has_crlf_line_endings():
+    """The Hub serves these files with LF: a copy with CRLF has other bytes, other sizes and other hashes."""
+    shipped = [p for p in CONFIGS.rglob("*") if p.is_file()]
+    assert len(shipped) > 40
+    crlf = [str(p.relative_to(CONFIGS)) for p in shipped if b"\r" in p.read_bytes()]
+    assert crlf == []
+
+
+def test_every_pinned_small_file_hash_is_the_shipped_files():
+    """A pinned config must be the file shipped in lib/configs, byte for byte (the tiny models are built from
+    those files, so a pin that only agrees with itself would go unnoticed)."""
+    checked, unshipped = 0, set()
+    for repo_id, spec in weights.load_manifest(weights.DEFAULT_MANIFEST)["repos"].items():
+        for path, pin in spec["files"].items():
+            shipped = CONFIGS / repo_id / path
+            if path.endswith(".safetensors") or pin["sha256"] is None:
+                continue
+            if not shipped.is_file():
+                unshipped.add(Path(path).name)
+                continue
+            data = shipped.read_bytes()
+            assert (hashlib.sha256(data).hexdigest(), len(data)) == (pin["sha256"], pin["size"]), (repo_id, path)
+            checked += 1
+    assert checked >= 36
+    assert unshipped == {"vocab.json", "merges.txt"}  # the tokenizers' BPE tables: not configs, not shipped
 
 
 # -- the tiny models as a mirror: what setup() does on a fresh machine ----------------------------------------
