@@ -478,3 +478,20 @@ def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_
                                                    local_files_only=True)
     images = pipe("a cat", num_inference_steps=1, guidance_scale=0.0, height=64, width=64, output_type="np").images
     assert images.shape == (1, 64, 64, 3)
+
+
+def test_one_weights_dir_default_for_setup_the_operator_script_and_the_lora_cache(tmp_path, monkeypatch):
+    """Unset WEIGHTS_DIR means the project's weights/ folder, whatever the working directory."""
+    from lib import lora
+
+    monkeypatch.delenv("WEIGHTS_DIR", raising=False)
+    monkeypatch.delenv("LORA_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert weights.weights_dir_from_env() == ROOT / "weights" == weights.DEFAULT_WEIGHTS_DIR
+    assert lora.cache_dir() == ROOT / "weights" / ".loras"
+    env = {k: v for k, v in os.environ.items() if k not in ("WEIGHTS_DIR", "WEIGHTS_MANIFEST")}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/weights.py"), "status", "--modes", "sd-turbo"],
+                       cwd=tmp_path, env={**env, "SAFETY_CHECKER": "0"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(f"cache {ROOT / 'weights'}, manifest {weights.DEFAULT_MANIFEST}")
+    monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "w"))
+    assert weights.weights_dir_from_env() == tmp_path / "w" and lora.cache_dir() == tmp_path / "w" / ".loras"
