@@ -1,13 +1,19 @@
 """Cross-request batching: concurrent predictions that can share one pipeline call run as one batch.
 
 Cog runs `async def run` predictions concurrently (COG_MAX_CONCURRENCY). Each one streams a Job through here; a
-dispatcher waits a short window for others to arrive, then hands the oldest group of compatible jobs
-(same batch_key, up to a cap of images) to one worker thread, so the device runs one batch at a time while
-the event loop stays free. Requests that arrive while a batch runs form the next one.
+dispatcher waits a short window for others to arrive, then hands the oldest group of compatible jobs (same
+batch_key, up to a cap of images) to the device thread, so the device runs one batch at a time while the event
+loop stays free. Requests that arrive while a batch runs form the next one. Requests are grouped by mode: a
+pending request whose mode is on the device goes before an older one whose mode the memory plan keeps in host
+memory (lib/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so that moves stay rare.
 
-Cog routes logs and metrics by context variables, which a worker thread does not inherit: the batch runs
-in a copy of its first request's context (its logs go there), and each request's metrics are recorded in
-a copy of that request's own context.
+Two threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA
+graph trees are per thread: warm-up and predictions must share one); the host thread finishes it (images,
+safety checker, files, metrics), while the device thread goes on with the next batch.
+
+Cog routes logs and metrics by context variables, which a worker thread does not inherit: a batch runs in
+copies of its first request's context (its logs go there), and each request's metrics are recorded in a copy
+of that request's own context.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import asyncio
 import contextvars
 import os
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import Cancelled, Engine, Job, Output, batch_key
+from .engine import Batch, Cancelled, Engine, Job, Output, batch_key
 
 _DONE = object()
+MODE_SWITCH_WAIT = 1.0  # seconds an older request of a mode in host memory waits for requests of resident modes
+HOST_BACKLOG = 2  # batches whose host stage may be pending while the device runs the next
 
 
 class _Outbox:
@@ -59,9 +68,15 @@ class Batcher:
         self.window = _window_from_env() if window is None else window
         self.max_images = max_images or int(os.environ.get("BATCH_MAX_IMAGES", "16"))
         self._pending: list[_Entry] = []
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host")
+        self._backlog = threading.Semaphore(HOST_BACKLOG)
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
+
+    def warm_up(self) -> dict:
+        """The engine's warm-up, on the device thread (the one that will serve the predictions)."""
+        return self._device.submit(self.engine.warm_up).result()
 
     async def stream(self, job: Job) -> Iterator[Output]:
         """For a Cog server: `return await batcher.stream(job)` from `async def run`. coglet 0.23.1 collects an
@@ -111,11 +126,11 @@ class Batcher:
                 await asyncio.sleep(self.window)  # let requests that arrive together batch together
             while self._pending:
                 batch = self._take_batch()
-                await loop.run_in_executor(self._worker, batch[0].context.copy().run, self._work, batch, loop)
+                await loop.run_in_executor(self._device, batch[0].context.copy().run, self._work, batch, loop)
 
     def _take_batch(self) -> list[_Entry]:
-        """The oldest pending job and the compatible ones after it, up to max_images (at least one job)."""
-        key = batch_key(self._pending[0].job.request)
+        """The next job (see the module docstring) and the compatible ones after it, up to max_images."""
+        key = batch_key(self._next().job.request)
         batch, images = [], 0
         for entry in list(self._pending):
             n = entry.job.request.num_outputs
@@ -125,19 +140,58 @@ class Batcher:
                 self._pending.remove(entry)
         return batch
 
+    def _next(self) -> _Entry:
+        oldest = self._pending[0]
+        if time.perf_counter() - oldest.arrived >= MODE_SWITCH_WAIT:
+            return oldest
+        residency = self.engine.residency
+        return next((e for e in self._pending if residency.is_resident(e.job.request.mode.name)), oldest)
+
     def _work(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: one pipeline call for the batch; outputs go back to each job's queue."""
+        """Device thread: the batch's device stage; each decoded chunk goes to the host thread to be finished."""
         started = time.perf_counter()
-        by_job = {id(e.job): e for e in batch}
         for e in batch:
             e.job.record("queue_wait", round(started - e.arrived, 4))
+        host_context = contextvars.copy_context()  # a context is entered by one thread at a time
+
+        def host(fn, *args) -> None:
+            self._host.submit(host_context.run, fn, *args)
+
+        self._backlog.acquire()  # bounded: a slow host stage holds the device back, not the memory
+        state = {"failed": None}
         try:
-            for job, output in self.engine.run_batch([e.job for e in batch]):
-                loop.call_soon_threadsafe(by_job[id(job)].queue.put_nowait, output)
-            results = [_DONE] * len(batch)
+            run = Batch(self.engine, [e.job for e in batch])
+            for chunk in run.generate():
+                host(self._finish, run, chunk, batch, loop, state)
+            host(self._end, run, batch, loop, state, None)
         except Cancelled:
-            results = [_DONE] * len(batch)
+            host(self._end, None, batch, loop, state, _DONE)
         except BaseException as exc:  # the batch failed: every job in it reports the error
-            results = [exc] * len(batch)
-        for e, result in zip(batch, results):
-            loop.call_soon_threadsafe(e.queue.put_nowait, result)
+            host(self._end, None, batch, loop, state, exc)
+
+    def _finish(self, run: Batch, chunk, batch: list[_Entry], loop, state: dict) -> None:
+        """Host thread: one chunk's images, each to its job's queue as it is written."""
+        if state["failed"] is not None:
+            return
+        by_job = {id(e.job): e for e in batch}
+        try:
+            for job, output in run.finish(chunk):
+                loop.call_soon_threadsafe(by_job[id(job)].queue.put_nowait, output)
+        except BaseException as exc:
+            state["failed"] = exc
+
+    def _end(self, run: Batch | None, batch: list[_Entry], loop, state: dict, result) -> None:
+        """Host thread: the batch's last outputs and metrics, then each job's end (_DONE or the error)."""
+        try:
+            by_job = {id(e.job): e for e in batch}
+            if run is not None and state["failed"] is None:
+                try:
+                    for job, output in run.end():
+                        loop.call_soon_threadsafe(by_job[id(job)].queue.put_nowait, output)
+                except BaseException as exc:
+                    state["failed"] = exc
+            final = state["failed"] if state["failed"] is not None else (result or _DONE)
+            for e in batch:
+                loop.call_soon_threadsafe(e.queue.put_nowait, final)
+        finally:
+            self._backlog.release()

@@ -1,4 +1,14 @@
-"""The engine: loads the enabled modes once, then turns a validated Request into image files, one at a time."""
+"""The engine: loads the enabled modes once, then turns validated Requests into image files.
+
+A batch (requests that share one pipeline call) runs in two stages, which lib/batcher.py puts on two threads so
+that the next batch's denoising overlaps this one's files:
+- `Batch.generate`, on the device thread: the mode moved onto the device if the memory plan kept it in host
+  memory (lib/memory.py), text encoding, denoising, and the decode, one VAE call per chunk of images that fits
+  in memory; the pixels go to host memory asynchronously;
+- `Batch.finish` / `Batch.end`, anywhere else: PIL images, the safety checker (its preprocessing there, its
+  forward on the device), the image files, the metrics.
+Timings are CUDA events (lib/timeline.py), read after the work: nothing waits for the device on the way.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +17,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from . import images, speed, vae
+from . import images, memory, precision, speed, vae
 from .env import env_flag
 from .inputs import InputError, Request, resolve_request
-from .loading import LoadedMode, choose_device_and_dtype, load_modes
+from .loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
 from .lora import LoraFile, fetch as fetch_lora, style_lora
-from .modes import MODES, safety_checker_enabled
-from .safety import AllImagesFlagged, SafetyChecker, load_from_env as load_safety_checker
+from .memory import Residency
+from .modes import MODES, SAFETY_CHECKER, safety_checker_enabled
+from .safety import AllImagesFlagged, SafetyChecker, check_present as check_safety_weights
+from .safety import load_from_env as load_safety_checker, weights_path as safety_file
+from .timeline import Timeline
 from .weights import ensure_weights, weights_dir_from_env
 
 log = logging.getLogger(__name__)
@@ -73,41 +86,42 @@ def enabled_modes_from_env() -> tuple[str, ...]:
     return names
 
 
-class Stopwatch:
-    """Wall-clock marks that wait for the device, so a stage's time is its own and not the next one's."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.last = self.now()
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def lap(self) -> float:
-        now = self.now()
-        elapsed, self.last = now - self.last, now
-        return elapsed
-
-
 class Engine:
     def __init__(self, modes: dict[str, LoadedMode], device: torch.device, dtype: torch.dtype,
-                 safety: SafetyChecker | None = None):
-        self.modes, self.device, self.dtype = modes, device, dtype
+                 safety: SafetyChecker | None = None, residency: Residency | None = None):
+        self.modes, self.device, self.dtype = modes, torch.device(device), dtype
         self.enabled = tuple(modes)
         self.safety = safety  # None: SAFETY_CHECKER=0
+        self.residency = residency or Residency.everything(modes, self.device, safety)
+        self.speed: dict = {}  # what lib/speed.py applied
+        self.speed_settings: speed.Settings | None = None
 
     @classmethod
-    def load(cls, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None) -> Engine:
-        default_device, default_dtype = choose_device_and_dtype()
-        device, dtype = device or default_device, dtype or default_dtype
+    def load(cls, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None,
+             settings: speed.Settings | None = None) -> Engine:
+        """Plan the device memory, load the modes (each module where the plan puts it), apply the fast path."""
+        device = torch.device(device or choose_device())
+        dtypes = precision.choose(device, requested=os.environ.get("MODEL_DTYPE") or None)
+        dtype = dtype or dtypes.model
+        settings = settings or speed.Settings.from_env(device)
+        weights_dir, mode_names = Path(weights_dir), tuple(mode_names)
+        loader = ComponentLoader(device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, settings, dtypes,
+                                                                                         dtype))
+        plan = plan_memory(loader, weights_dir, mode_names, safety_checker_enabled())
+        log.info("%s", plan.describe())
+        resident = {k for name in plan.resident for k in plan.mode_modules[name]}
+        loader.on_device = resident.__contains__
         started = time.perf_counter()
-        modes = load_modes(Path(weights_dir), tuple(mode_names), device, dtype)
+        modes = load_modes(weights_dir, mode_names, device, dtype, loader)
         log.info("loaded %s on %s (%s) in %.1f s", ", ".join(mode_names), device, str(dtype).removeprefix("torch."),
                  time.perf_counter() - started)
-        safety = load_safety_checker(Path(weights_dir), device, dtype)
-        return speed.optimize(cls(modes, device, dtype, safety))  # the fast-path switches (SPEED_*) and warm-up
+        safety = load_safety_checker(weights_dir, device, dtype)
+        engine = cls(modes, device, dtype, safety, None)
+        speed.optimize(engine, settings, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
+        engine.residency = Residency(plan, {name: m.modules() for name, m in modes.items()}, device,
+                                     [safety.model] if safety else [])
+        engine.residency.pin_host()
+        return engine
 
     @classmethod
     def from_env(cls) -> Engine:
@@ -145,21 +159,120 @@ class Engine:
             yield output
 
     def run_batch(self, jobs: list[Job]) -> Iterator[tuple[Job, Output | Exception]]:
-        """Run jobs that share a batch_key as one pipeline call; yields (job, output) per image as it is written.
-        Each image depends only on its own seed and prompt, so a job's images are those of a solo run.
-        A job that fails on its own (the safety checker flagged all its images) gets (job, the exception)."""
-        first = jobs[0].request
-        assert all(batch_key(j.request) == batch_key(first) for j in jobs), "jobs of one batch must share a key"
-        mode, loaded = first.mode, self.modes[first.mode.name]
-        scheduled, runs = first.schedule
-        images_total = sum(j.request.num_outputs for j in jobs)
+        """Both stages of a batch in the calling thread; yields (job, output) per image as it is written, or
+        (job, the exception) for a job that failed on its own (the safety checker flagged all its images)."""
+        batch = Batch(self, jobs)
+        for chunk in batch.generate():
+            yield from batch.finish(chunk)
+        yield from batch.end()
+
+    def warm_up(self) -> dict:
+        """Each mode once at its default size (lib/speed.py): run it on the thread that will serve predictions."""
+        return speed.warm_up(self)
+
+    def decoder(self, request: Request):
+        """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""
+        loaded = self.modes[request.mode.name]
+        if not request.fast_decode:
+            return loaded.txt2img.vae
+        if loaded.tiny_vae is None:
+            raise InputError(f"fast_decode: mode {request.mode.name} has no fast decoder loaded on this server")
+        return loaded.tiny_vae
+
+
+def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool) -> memory.Plan:
+    """The memory plan from the files' sizes, before anything is loaded (lib/memory.py)."""
+    check_present(weights_dir, mode_names)  # one message for every missing file, before any is read
+    if safety_checker:
+        check_safety_weights(weights_dir)
+    device = loader.device
+    budget_text = os.environ.get("DEVICE_MEMORY_BUDGET", "").strip()
+    if budget_text:
+        budget, source = memory.parse_bytes("DEVICE_MEMORY_BUDGET", budget_text), "DEVICE_MEMORY_BUDGET"
+    elif device.type == "cuda":
+        budget, source = torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
+    else:
+        budget, source = None, "the CPU"
+    sizes, mode_modules, working = {}, {}, {}
+    for name in mode_names:
+        mode, parts = MODES[name], mode_parts(loader, weights_dir, MODES[name])
+        for part in parts.values():
+            sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
+        mode_modules[name] = frozenset(p.key for p in parts.values())
+        cfg = not mode.guidance_embedded and mode.guidance_default > 1
+        working[name] = memory.working_bytes(parts["unet"].config(), parts["vae"].config(), mode.default_size,
+                                             loader.dtype, loader.dtype_of(parts["vae"]), cfg)
+    always = frozenset()
+    if safety_checker:
+        sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)
+        always = frozenset({"safety_checker"})
+    return memory.make_plan(mode_modules, sizes, always, working, budget, source)
+
+
+@dataclass
+class Chunk:
+    """Images [start, stop) of a batch, decoded in one call: host pixels, ready when `ready` has run."""
+
+    start: int
+    stop: int
+    pixels: torch.Tensor
+    began: object  # timeline marks
+    ready: object
+
+
+@dataclass
+class Batch:
+    """One pipeline call for jobs that share a batch_key (see the module docstring for its two stages)."""
+
+    engine: Engine
+    jobs: list[Job]
+    timeline: Timeline = field(init=False)
+    marks: dict = field(default_factory=dict)  # stage -> (start mark, end mark), read in end()
+    host_seconds: dict = field(default_factory=dict)  # stages timed on the host (moves, LoRA, safety checker)
+    steps: list = field(default_factory=list)  # marks at the end of each denoising step (steps[0]: its start)
+    logged_steps: int = 0
+
+    def __post_init__(self) -> None:
+        first = self.jobs[0].request
+        assert all(batch_key(j.request) == batch_key(first) for j in self.jobs), "jobs of one batch must share a key"
+        self.first, self.mode = first, first.mode
+        self.loaded = self.engine.modes[first.mode.name]
+        self.pipe = self.loaded.img2img if first.image_path else self.loaded.txt2img
+        self.scheduled, self.runs = first.schedule
+        self.timeline = Timeline(self.engine.device)
+        # Batch image k: (job, index within the job, seed).
+        self.images = [(job, i, seed) for job in self.jobs for i, seed in enumerate(job.request.seeds)]
+        self.decode_seconds = [0.0] * len(self.images)
+        self.flags: dict[int, bool] = {}
+        self.pictures: dict[int, Image.Image] = {}  # decoded, waiting for the safety checker
+        self.saving: list = []  # (future, job, seed, settings): written in encoder threads, yielded in order
+        self.encode_seconds: dict[int, float] = {}
+
+    # -- stage 1: the device thread ------------------------------------------------------------------------------
+    def generate(self) -> Iterator[Chunk]:
+        self._log_requests()
+        seconds, _ = self.engine.residency.ensure(self.mode.name)
+        if seconds:
+            self.host_seconds["mode_load"] = seconds
+        latents = self._denoise()
+        decoder = self.engine.decoder(self.first)
+        n = len(self.images)
+        size = self._chunk_size(decoder, n)
+        for start in range(0, n, size):
+            began = self.timeline.mark()
+            pixels = vae.to_host(vae.decode(decoder, latents[start: start + size]))
+            yield Chunk(start, min(n, start + size), pixels, began, self.timeline.mark())
+
+    def _log_requests(self) -> None:
+        mode, jobs = self.mode, self.jobs
+        images_total = len(self.images)
         for job in jobs:
             r = job.request
             job.record("seeds", r.seeds)
             job.record("batch.requests", len(jobs))
             job.record("batch.images", images_total)
             log.info("mode %s, %d image(s) %dx%d, %d step(s), guidance %g, seeds %s%s", mode.name, r.num_outputs,
-                     r.width, r.height, runs, r.guidance_scale, r.seeds,
+                     r.width, r.height, self.runs, r.guidance_scale, r.seeds,
                      f" (in a batch of {len(jobs)} requests)" if len(jobs) > 1 else "")
             if r.negative_prompt and not uses_negative_prompt(r):
                 log.warning("negative_prompt ignored: mode %s at guidance_scale %g runs without classifier-free "
@@ -167,157 +280,178 @@ class Engine:
                             "" if mode.guidance_embedded or mode.guidance_range is None
                             else f" (use guidance_scale above 1, up to {mode.guidance_range[1]:g})")
 
-        clock = Stopwatch(self.device)
-        shared: dict[str, float | list[float]] = {}
-        pipe = loaded.txt2img
+    def _denoise(self) -> torch.Tensor:
+        """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
+        first, jobs, pipe = self.first, self.jobs, self.pipe
         kwargs: dict = {"height": first.height, "width": first.width}
         if first.image_path:
-            pipe = loaded.img2img
-            latents = [vae.encode(pipe.vae, j.picture, self.dtype).expand(j.request.num_outputs, -1, -1, -1)
+            start = self.timeline.mark()
+            latents = [vae.encode(pipe.vae, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
                        for j in jobs]
             kwargs = {"image": torch.cat(latents), "strength": first.strength}
-            shared["vae_encode"] = clock.lap()
+            self.marks["vae_encode"] = (start, self.timeline.mark())
         if uses_negative_prompt(first):
             kwargs["negative_prompt"] = [j.request.negative_prompt for j in jobs for _ in j.request.seeds]
+        lora = jobs[0].lora
         try:
-            clock.lap()
+            started = time.perf_counter()
             # The style LoRA is on for this call only: removed on the way out, also on an error or a cancel.
-            with style_lora(pipe, jobs[0].lora, first.lora_scale, mode.name) if jobs[0].lora \
-                    else contextlib.nullcontext():
-                if jobs[0].lora:
-                    shared["lora_load"] = clock.lap()
-                latents = self._denoise(pipe, jobs, scheduled, runs, kwargs, clock, shared)
-                clock.lap()
-            if jobs[0].lora:
-                shared["lora_load"] += clock.lap()  # and its removal
+            with style_lora(pipe, lora, first.lora_scale, self.mode.name) if lora else contextlib.nullcontext():
+                applied = time.perf_counter()
+                result = self._pipeline_call(kwargs)
+                removing = time.perf_counter()
+            if lora:
+                self.host_seconds["lora_load"] = applied - started + time.perf_counter() - removing
         finally:
             for job in jobs:
                 if job.lora:
                     job.lora.close()
-        checked = self._check_safety(pipe, jobs, latents, clock, shared)
+        return result
 
-        index = 0
-        for job in jobs:
-            r = job.request
-            timings = dict(shared, vae_decode=0.0, image_encoding=0.0)
-            saving: list = []  # image i is encoded in a worker thread while image i+1 decodes; yielded in order
-            flagged = 0
-            for i, seed in enumerate(r.seeds):
-                clock.lap()
-                if index in checked:  # decoded already, for the safety checker
-                    image, seconds, nsfw = checked.pop(index)
-                else:
-                    image, seconds, nsfw = self._decode(pipe, first, latents, index), None, False
-                index += 1
-                timings["vae_decode"] += clock.lap() if seconds is None else seconds
-                flagged += nsfw
-                if job.cancelled or nsfw:  # a flagged image is dropped
-                    continue
-                settings = {"mode": mode.name, "model": mode.repo.repo_id, "prompt": r.prompt,
-                            "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None, "seed": seed,
-                            "num_inference_steps": r.num_inference_steps, "denoising_steps": runs,
-                            "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height,
-                            "strength": r.strength if r.image_path else None, "fast_decode": r.fast_decode}
-                saving.append((images.save_in_background(image, job.out_dir / f"out-{i}-{seed}.{r.output_format}",
-                                                         r.output_format, r.output_quality, settings), seed, settings))
-                while saving and saving[0][0].done():
-                    yield job, self._saved(saving.pop(0), timings)
-            while saving:
-                yield job, self._saved(saving.pop(0), timings)
-            for stage, seconds in timings.items():
-                job.record(f"timings.{stage}", [round(s, 4) for s in seconds] if isinstance(seconds, list)
-                           else round(seconds, 4))
-            if flagged and flagged == r.num_outputs and not job.cancelled:
-                yield job, AllImagesFlagged(flagged)
-
-    def _check_safety(self, pipe, jobs: list[Job], latents: torch.Tensor, clock: Stopwatch,
-                      timings: dict) -> dict[int, tuple]:
-        """Run the safety checker once on every image of the batch whose request keeps it on (those images are
-        decoded here, before any is saved). Returns image index -> (image, decode seconds, flagged)."""
-        if self.safety is None:
-            return {}
-        spans, index = [], 0
-        for job in jobs:
-            if not job.request.disable_safety_checker and not job.cancelled:
-                spans.append((job, range(index, index + job.request.num_outputs)))
-            index += job.request.num_outputs
-        if not spans:
-            return {}
-        decoded = {}
-        for _, span in spans:
-            for k in span:
-                clock.lap()
-                decoded[k] = (self._decode(pipe, jobs[0].request, latents, k), clock.lap())
-        clock.lap()
-        flags = dict(zip(decoded, self.safety.flagged([image for image, _ in decoded.values()])))
-        timings["safety_checker"] = clock.lap()
-        for job, span in spans:
-            seeds = [seed for k, seed in zip(span, job.request.seeds) if flags[k]]
-            job.record("nsfw_flagged", len(seeds))
-            if seeds:
-                log.warning("safety checker: %d of %d image(s) flagged as possibly NSFW and dropped (seeds %s)",
-                            len(seeds), len(span), seeds)
-        return {k: (image, seconds, flags[k]) for k, (image, seconds) in decoded.items()}
-
-    def _decode(self, pipe, request: Request, latents: torch.Tensor, index: int) -> Image.Image:
-        """Image `index` of the batch, decoded by the request's decoder."""
-        return vae.decode(self._decoder(pipe, request), latents[index: index + 1])[0]
-
-    def _decoder(self, pipe, request: Request):
-        """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""
-        if not request.fast_decode:
-            return pipe.vae
-        tiny = self.modes[request.mode.name].tiny_vae
-        if tiny is None:
-            raise InputError(f"fast_decode: mode {request.mode.name} has no fast decoder loaded on this server")
-        return tiny
-
-    @staticmethod
-    def _saved(saving: tuple, timings: dict) -> Output:
-        future, seed, settings = saving
-        path, seconds = future.result()
-        timings["image_encoding"] += seconds  # encoder time, mostly off the critical path
-        return Output(path, seed, settings)
-
-    def _denoise(self, pipe, jobs: list[Job], scheduled: int, runs: int, kwargs: dict, clock: Stopwatch,
-                 timings: dict) -> torch.Tensor:
-        """Text encoding and the denoising loop, timed per stage and per step; returns the latents."""
-        steps: list[float] = []
+    def _pipeline_call(self, kwargs: dict) -> torch.Tensor:
+        jobs, pipe, timeline = self.jobs, self.pipe, self.timeline
         encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-        timings["text_encoding"] = 0.0
-        start = {}
+        encoding: list = []
 
         def before(module, args):
-            start[module] = clock.now()
+            encoding.append([timeline.mark(), None])
 
         def after(module, args, output):
-            timings["text_encoding"] += clock.now() - start[module]
-            clock.last = clock.now()  # denoising starts when the last text encoder finishes
+            encoding[-1][1] = timeline.mark()
+            self.steps[:] = [encoding[-1][1]]  # denoising starts when the last text encoder finishes
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             if all(job.cancelled for job in jobs):
                 raise Cancelled("every request of this batch was canceled")
-            steps.append(clock.lap())
-            log.info("step %d/%d: %.0f ms", step + 1, runs, steps[-1] * 1000)
+            self.steps.append(timeline.mark())
+            self._log_steps(wait=False)
             return callback_kwargs
 
         hooks = [h for m in encoders for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
         try:
-            result = pipe(
+            latents = pipe(
                 prompt=[j.request.prompt for j in jobs for _ in j.request.seeds],
-                num_inference_steps=scheduled,
+                num_inference_steps=self.scheduled,
                 guidance_scale=jobs[0].request.guidance_scale,
                 generator=[torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.request.seeds],
                 output_type="latent",
                 callback_on_step_end=on_step_end,
                 **kwargs,
-            )
+            ).images
         finally:
             for h in hooks:
                 h.remove()
-        timings["denoising"] = sum(steps)
-        timings["steps"] = steps
-        return result.images
+        self.marks["text_encoding"] = encoding
+        return latents
+
+    def _log_steps(self, wait: bool) -> None:
+        """Log the steps that have run (all of them with `wait`): the logs follow the device, without stalling it."""
+        while self.logged_steps + 1 < len(self.steps):
+            k = self.logged_steps + 1
+            if not wait and not self.timeline.done(self.steps[k]):
+                return
+            ms = self.timeline.seconds(self.steps[k - 1], self.steps[k]) * 1000
+            log.info("step %d/%d: %.0f ms", k, self.runs, ms)
+            self.logged_steps = k
+
+    def _chunk_size(self, decoder, n: int) -> int:
+        """Images per VAE call: on CUDA as many as fit in the free memory. On a CPU, where a decode is already
+        parallel per image and batching gains nothing, one at a time, so that each image streams as soon as it
+        is decoded."""
+        device = self.engine.device
+        if device.type != "cuda":
+            return 1
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
+        return max(1, min(n, int(free * 0.8) // vae.decode_bytes(decoder, self.first.width, self.first.height)))
+
+    # -- stage 2: host work, on any thread -------------------------------------------------------------------------
+    def finish(self, chunk: Chunk) -> Iterator[tuple[Job, Output]]:
+        """A decoded chunk's images: written (encoder threads) and yielded in order as they are written. Where the
+        safety checker runs, the batch's images wait until all are decoded: it checks them in one call."""
+        self._log_steps(wait=True)
+        seconds = self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels are on the host
+        for k in range(chunk.start, chunk.stop):
+            self.decode_seconds[k] = seconds / (chunk.stop - chunk.start)
+        self.pictures.update(zip(range(chunk.start, chunk.stop), vae.to_images(chunk.pixels)))
+        if self._checked() and chunk.stop < len(self.images):
+            return
+        pictures, self.pictures = self.pictures, {}
+        if self._checked():
+            self._check_safety(pictures)
+        mode, runs = self.mode, self.runs
+        for k, picture in pictures.items():
+            job, i, seed = self.images[k]
+            r = job.request
+            if job.cancelled or self.flags.get(k):  # a flagged image is dropped
+                continue
+            settings = {"mode": mode.name, "model": mode.repo.repo_id, "prompt": r.prompt,
+                        "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None, "seed": seed,
+                        "num_inference_steps": r.num_inference_steps, "denoising_steps": runs,
+                        "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height,
+                        "strength": r.strength if r.image_path else None, "fast_decode": r.fast_decode}
+            future = images.save_in_background(picture, job.out_dir / f"out-{i}-{seed}.{r.output_format}",
+                                               r.output_format, r.output_quality, settings)
+            self.saving.append((future, job, seed, settings))
+        while self.saving and self.saving[0][0].done():
+            yield self._saved()
+
+    def _checked(self) -> bool:
+        return self.engine.safety is not None and any(not j.request.disable_safety_checker for j in self.jobs)
+
+    def _check_safety(self, pictures: dict[int, Image.Image]) -> None:
+        """The safety checker on the images whose request keeps it on, in one batched call."""
+        checker = self.engine.safety
+        wanted = [k for k in pictures if not self.images[k][0].request.disable_safety_checker
+                  and not self.images[k][0].cancelled]
+        if not wanted:
+            return
+        started = time.perf_counter()
+        self.flags.update(zip(wanted, checker.flagged([pictures[k] for k in wanted])))
+        self.host_seconds["safety_checker"] = self.host_seconds.get("safety_checker", 0.0) + \
+            time.perf_counter() - started
+
+    def _saved(self) -> tuple[Job, Output]:
+        future, job, seed, settings = self.saving.pop(0)
+        path, seconds = future.result()
+        self.encode_seconds[id(job)] = self.encode_seconds.get(id(job), 0.0) + seconds
+        return job, Output(path, seed, settings)
+
+    def end(self) -> Iterator[tuple[Job, Output | Exception]]:
+        """The images still being written, then each job's metrics (and its failure, if all its images were
+        flagged)."""
+        while self.saving:
+            yield self._saved()
+        shared = self._stage_seconds()
+        checked = {k for k in self.flags}
+        for job in self.jobs:
+            mine = [k for k, (j, _, _) in enumerate(self.images) if j is job]
+            timings = dict(shared, vae_decode=sum(self.decode_seconds[k] for k in mine),
+                           image_encoding=self.encode_seconds.get(id(job), 0.0))
+            flagged = [self.images[k][2] for k in mine if self.flags.get(k)]
+            if any(k in checked for k in mine):
+                job.record("nsfw_flagged", len(flagged))
+                if flagged:
+                    log.warning("safety checker: %d of %d image(s) flagged as possibly NSFW and dropped (seeds %s)",
+                                len(flagged), len(mine), flagged)
+            else:
+                timings.pop("safety_checker", None)
+            for stage, seconds in timings.items():
+                job.record(f"timings.{stage}", [round(s, 4) for s in seconds] if isinstance(seconds, list)
+                           else round(seconds, 4))
+            if flagged and len(flagged) == len(mine) and not job.cancelled:
+                yield job, AllImagesFlagged(len(flagged))
+
+    def _stage_seconds(self) -> dict:
+        """Every stage's duration, from the marks (the device has finished the batch by now)."""
+        t = self.timeline
+        out: dict = dict(self.host_seconds)
+        if "vae_encode" in self.marks:
+            out["vae_encode"] = t.seconds(*self.marks["vae_encode"])
+        out["text_encoding"] = sum(t.seconds(a, b) for a, b in self.marks.get("text_encoding", []) if b is not None)
+        steps = [t.seconds(a, b) for a, b in zip(self.steps, self.steps[1:])]
+        out["denoising"], out["steps"] = sum(steps), steps
+        return out
 
 
 __all__ = ["Engine", "InputError", "Output"]

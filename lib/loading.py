@@ -22,7 +22,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, Mode, Repo, repo_files, weight_file
+from .modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
+from .precision import needs_upcast
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -37,6 +38,9 @@ PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version"
                    "torch_dtype")
 
 
+DECODERS = ("AutoencoderKL", "AutoencoderTiny")
+
+
 class WeightsMissingError(RuntimeError):
     """The weights directory lacks files a mode needs."""
 
@@ -48,15 +52,16 @@ class LoadedMode:
     img2img: diffusers.DiffusionPipeline
     tiny_vae: diffusers.AutoencoderTiny | None = None  # TAESD / TAESDXL: the `fast_decode` decoder
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The models this mode runs (each once): what must be on the device while it runs."""
+        pipe = self.txt2img
+        found = [getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+        return list({id(m): m for m in [*found, self.tiny_vae] if m is not None}.values())
 
-def choose_device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """CUDA runs fp16, the CPU fp32 (fp16 on CPU is unusably slow); MODEL_DEVICE / MODEL_DTYPE override."""
-    device = torch.device(os.environ.get("MODEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    default = "float16" if device.type == "cuda" else "float32"
-    name = os.environ.get("MODEL_DTYPE") or default
-    if name not in ("float16", "bfloat16", "float32"):
-        raise ValueError(f"MODEL_DTYPE: {name!r} is not a dtype; allowed: float16, bfloat16, float32")
-    return device, getattr(torch, name)
+
+def choose_device() -> torch.device:
+    """CUDA where there is one; MODEL_DEVICE overrides."""
+    return torch.device(os.environ.get("MODEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def repo_dir(weights_dir: Path, repo: Repo) -> Path:
@@ -81,33 +86,65 @@ def check_present(weights_dir: Path, mode_names) -> None:
         )
 
 
-class ComponentLoader:
-    """Loads components, handing out the same module for components stored in the same files."""
+@dataclass(frozen=True)
+class Part:
+    """One model a mode runs, as the loader will build it, known before anything is loaded (the memory plan
+    counts parts). Parts with equal keys are the same files and become one module."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
-        self._loaded: dict[tuple, object] = {}
+    key: tuple
+    repo_path: Path
+    subfolder: str | None  # None: the model sits at the repo's root (TAESD)
+    library: str
+    class_name: str
+    variant: str | None
+    weights: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.repo_path / self.subfolder if self.subfolder else self.repo_path
+
+    def config(self) -> dict:
+        return json.loads((self.folder / "config.json").read_text())
+
+
+class ComponentLoader:
+    """Loads components, handing out the same module for components stored in the same files. Each module goes
+    to the device, or (where `on_device(key)` says no: the memory plan keeps its mode in host memory) stays on
+    the CPU. The decoders (VAE, TAESD) run in `vae_dtype(config)` (by default as diffusers loads them: a VAE whose
+    config forces an upcast in fp32, lib/precision.py); the rest in `dtype`."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, vae_dtype=None, on_device=lambda key: True):
+        self.device, self.dtype, self.on_device = torch.device(device), dtype, on_device
+        self.vae_dtype = vae_dtype or (lambda config: torch.float32 if needs_upcast(config) else dtype)
+        self.loaded: dict[tuple, object] = {}
         self._canonical: dict[tuple[int, int], tuple[int, int]] = {}
         self._seen: dict[tuple[int, int], tuple[Path, int]] = {}
 
-    def load(self, repo_path: Path, repo: Repo, component: str, library: str, class_name: str, lora=None):
-        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
-        if component == "scheduler":  # stateful during a run: every pipeline gets its own
-            return cls.from_pretrained(repo_path, subfolder=component)
-        if component.startswith("tokenizer"):
-            key: tuple = (repo.repo_id, component)
-        else:  # the UNet a LoRA is fused into is that mode's own
-            key = (class_name, self._config(repo_path / component), self._digest(
-                repo_path / weight_file(repo, component)), lora)
-        if key in self._loaded:
-            log.info("%s/%s: sharing the identical component already loaded", repo.repo_id, component)
-            return self._loaded[key]
-        if component.startswith("tokenizer"):
-            module = cls.from_pretrained(repo_path, subfolder=component)
-        else:
-            module = cls.from_pretrained(repo_path, subfolder=component, variant=repo.variant, dtype=self.dtype)
-            module.to(self.device).eval().requires_grad_(False)
-        self._loaded[key] = module
+    def part(self, repo_path: Path, repo: Repo, component: str, library: str, class_name: str,
+             lora: str | None = None) -> Part:
+        if component == TINY_VAE:  # TAESD / TAESDXL at the repo's root
+            return Part(("AutoencoderTiny", repo.repo_id), repo_path, None, "diffusers", "AutoencoderTiny", repo.variant,
+                        repo_path / "diffusion_pytorch_model.safetensors")
+        weights = repo_path / weight_file(repo, component)
+        # The UNet a LoRA is fused into is that mode's own.
+        key = (class_name, self._config(repo_path / component), self._digest(weights), lora)
+        return Part(key, repo_path, component, library, class_name, repo.variant, weights)
+
+    def dtype_of(self, part: Part) -> torch.dtype:
+        return self.vae_dtype(part.config()) if part.class_name in DECODERS else self.dtype
+
+    def load(self, part: Part):
+        if part.key in self.loaded:
+            log.info("%s/%s: sharing the identical component already loaded", part.repo_path.name,
+                     part.subfolder or part.class_name)
+            return self.loaded[part.key]
+        cls = getattr(diffusers if part.library == "diffusers" else transformers, part.class_name)
+        kwargs = {"subfolder": part.subfolder} if part.subfolder else {}
+        module = cls.from_pretrained(part.repo_path, variant=part.variant, dtype=self.dtype_of(part), **kwargs)
+        module.eval().requires_grad_(False)
+        if self.on_device(part.key):
+            module.to(self.device)
+        self.loaded[part.key] = module
         return module
 
     @staticmethod
@@ -142,41 +179,52 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> dict[str, Part]:
+    """The models `mode` runs (unet, vae, text encoders, and its TAESD as `taesd`), as parts."""
+    path = repo_dir(weights_dir, mode.repo)
+    index = json.loads((path / "model_index.json").read_text())
+    parts = {}
+    for component in mode.repo.components:
+        if component == "scheduler" or component.startswith("tokenizer"):
+            continue
+        library, class_name = index[component]
+        lora = mode.lora.repo_id if mode.lora and component == "unet" else None
+        parts[component] = loader.part(path, mode.repo, component, library, class_name, lora)
+    if mode.tiny_vae:
+        parts[TINY_VAE] = loader.part(repo_dir(weights_dir, mode.tiny_vae), mode.tiny_vae, TINY_VAE, "diffusers",
+                                      "AutoencoderTiny")
+    return parts
+
+
 def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedMode:
     path = repo_dir(weights_dir, mode.repo)
     index = json.loads((path / "model_index.json").read_text())
+    parts = mode_parts(loader, weights_dir, mode)
     components = {}
     for component in mode.repo.components:
         library, class_name = index[component]
-        if component == "scheduler" and mode.scheduler:
-            class_name = mode.scheduler  # keeps the repo's betas and spacing config
-        lora = mode.lora.repo_id if mode.lora and component == "unet" else None
-        components[component] = loader.load(path, mode.repo, component, library, class_name, lora)
-
-    pipes = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True), loader.dtype)
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        if component == "scheduler":  # stateful during a run: every pipeline gets its own
+            components[component] = getattr(diffusers, mode.scheduler or class_name).from_pretrained(
+                path, subfolder=component)  # a replacement class keeps the repo's betas and spacing config
+        elif component.startswith("tokenizer"):
+            key = (mode.repo.repo_id, component)
+            if key not in loader.loaded:
+                loader.loaded[key] = cls.from_pretrained(path, subfolder=component)
+            components[component] = loader.loaded[key]
+        else:
+            components[component] = loader.load(parts[component])
+    pipes = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True))
     if mode.lora:
         fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.lora))
-    if mode.tiny_vae:
-        pipes.tiny_vae = load_tiny_vae(loader, weights_dir, mode.tiny_vae)
+    if TINY_VAE in parts:
+        pipes.tiny_vae = loader.load(parts[TINY_VAE])
     return pipes
 
 
-def load_tiny_vae(loader: ComponentLoader, weights_dir: Path, repo: Repo) -> diffusers.AutoencoderTiny:
-    """TAESD / TAESDXL (config.json + weights at the repo's root), loaded once for all the modes that use it."""
-    key = ("AutoencoderTiny", repo.repo_id)
-    if key not in loader._loaded:
-        module = diffusers.AutoencoderTiny.from_pretrained(repo_dir(weights_dir, repo), dtype=loader.dtype)
-        loader._loaded[key] = module.to(loader.device).eval().requires_grad_(False)
-    return loader._loaded[key]
-
-
-def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool, dtype: torch.dtype) -> LoadedMode:
+def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool) -> LoadedMode:
     """The mode's txt2img and img2img pipelines around already-built components (loaded, or random ones
     built from configs by the benchmark)."""
-    vae = components["vae"]
-    if vae.config.force_upcast and dtype == torch.float16:
-        # The SDXL VAE overflows in fp16 (its config forces an fp32 decode); keep it in fp32 for good.
-        vae.to(torch.float32)
     txt2img_name, img2img_name = PIPELINE_CLASSES[mode.family]
     txt2img_cls = getattr(diffusers, txt2img_name)
     accepted = inspect.signature(txt2img_cls.__init__).parameters
@@ -208,7 +256,8 @@ def fuse_lora(pipe, lora_dir: Path) -> None:
     pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
 
 
-def load_modes(weights_dir: Path, mode_names, device: torch.device, dtype: torch.dtype) -> dict[str, LoadedMode]:
+def load_modes(weights_dir: Path, mode_names, device: torch.device, dtype: torch.dtype,
+               loader: ComponentLoader | None = None) -> dict[str, LoadedMode]:
     check_present(weights_dir, mode_names)
-    loader = ComponentLoader(device, dtype)
+    loader = loader or ComponentLoader(device, dtype)
     return {name: load_mode(loader, weights_dir, MODES[name]) for name in mode_names}

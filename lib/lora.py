@@ -631,11 +631,15 @@ def _apply(pipe, state: dict, scale: float, mode_name: str) -> None:
 
 
 def _unfuse_attention(unet):
-    """Fused QKV projections (lib/speed.py) run to_qkv and would bypass adapters on to_q/to_k/to_v: run the
-    plain processors while the adapter is on. Returns the processors to restore (None: nothing changed)."""
+    """Fused QKV projections (lib/speed.py) run to_qkv and would bypass adapters on to_q/to_k/to_v: while the
+    adapter is on, the separate projections are back (views of the fused weights: no copy) and the plain
+    processors run. Returns what to restore (None: nothing changed)."""
+    from .speed import restore_projections
+
     processors = unet.attn_processors
     if not any("Fused" in type(p).__name__ for p in processors.values()):
         return None
+    rebuilt = restore_projections(unet)
     original = getattr(unet, "original_attn_processors", None)
     if original and len(original) == len(processors):
         unet.set_attn_processor(dict(original))
@@ -643,13 +647,17 @@ def _unfuse_attention(unet):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())
-    return processors
+    return processors, rebuilt
 
 
-def _remove(pipe, processors) -> None:
+def _remove(pipe, restore) -> None:
+    from .speed import drop_projections
+
     pipe.unload_lora_weights()  # swaps the original layers back in: exact, and the fused LCM weights stay
-    if processors is not None:
+    if restore is not None:
+        processors, rebuilt = restore
         pipe.unet.set_attn_processor(processors)
+        drop_projections(rebuilt)
     left = {c: n for c, m in _components(pipe).items() if (n := len(_adapter_layers(m, None)))}
     if left:
         raise RuntimeError(f"the style LoRA could not be removed ({left} adapter layers left); the engine's "
@@ -662,9 +670,9 @@ def style_lora(pipe, lora: LoraFile | dict, scale: float, mode_name: str) -> Ite
     if getattr(pipe.unet, "_compiled_call_impl", None) is not None:
         log.warning("the UNet is compiled (SPEED_COMPILE): a LoRA makes torch recompile it, twice per request")
     state = lora if isinstance(lora, dict) else load_state_dict(lora)
-    processors = _unfuse_attention(pipe.unet)
+    restore = _unfuse_attention(pipe.unet)
     try:
         _apply(pipe, state, scale, mode_name)
         yield
     finally:
-        _remove(pipe, processors)
+        _remove(pipe, restore)

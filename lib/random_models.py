@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .modes import MODES, Mode
+from .precision import needs_upcast
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,10 @@ def build_components(mode: Mode, *, device, dtype, shared: dict | None = None) -
             cls, config = text_encoder_config(repo.repo_id, component)
             key = (cls.__name__, config.to_json_string())
         if key not in shared:
-            shared[key] = build_component(repo.repo_id, component, device=device, dtype=dtype)
+            # An upcast VAE (SDXL's) is built as diffusers loads it, in fp32; lib/speed.py may change that.
+            upcast = component == "vae" and needs_upcast(real_config(repo.repo_id, "vae/config.json"))
+            shared[key] = build_component(repo.repo_id, component, device=device,
+                                          dtype=torch.float32 if upcast else dtype)
         components[component] = shared[key]
     return components
 
@@ -182,7 +186,7 @@ def build_modes(mode_names, *, device, dtype) -> dict:
         started = time.perf_counter()
         components = build_components(mode, device=device, dtype=dtype, shared=shared)
         force_zeros = model_index(mode.repo.repo_id).get("force_zeros_for_empty_prompt", True)
-        modes[name] = assemble(mode, components, force_zeros, dtype)
+        modes[name] = assemble(mode, components, force_zeros)
         if mode.tiny_vae:  # TAESD / TAESDXL, shared like the loader shares it
             key = ("AutoencoderTiny", mode.tiny_vae.repo_id)
             if key not in shared:

@@ -21,12 +21,26 @@ import torch
 from PIL import Image
 
 from .loading import WeightsMissingError, repo_dir
-from .modes import repo_files
-from .modes import SAFETY_CHECKER, safety_checker_enabled
+from .modes import SAFETY_CHECKER, repo_files, safety_checker_enabled, weight_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AllImagesFlagged", "SafetyChecker", "load_from_env", "safety_checker_enabled"]
+__all__ = ["AllImagesFlagged", "SafetyChecker", "load_from_env", "safety_checker_enabled", "weights_path"]
+
+
+def check_present(weights_dir: Path) -> None:
+    folder = repo_dir(weights_dir, SAFETY_CHECKER)
+    missing = [f"{SAFETY_CHECKER.repo_id}/{f}" for f in repo_files(SAFETY_CHECKER) if not (folder / f).is_file()]
+    if missing:
+        raise WeightsMissingError(
+            f"safety checker weights missing in {Path(weights_dir).resolve()}:\n  " + "\n  ".join(missing)
+            + "\nFetch them with the other weights (setup does, unless WEIGHTS_OFFLINE=1), or set "
+            "SAFETY_CHECKER=0 to run without the safety checker.")
+
+
+def weights_path(weights_dir: Path) -> Path:
+    """The checker's weight file (what the memory plan counts)."""
+    return repo_dir(weights_dir, SAFETY_CHECKER) / weight_file(SAFETY_CHECKER, "safety_checker")
 
 
 class AllImagesFlagged(RuntimeError):
@@ -55,13 +69,7 @@ class SafetyChecker:
         from transformers import CLIPImageProcessor
 
         folder = repo_dir(weights_dir, SAFETY_CHECKER)
-        missing = [f"{SAFETY_CHECKER.repo_id}/{f}" for f in repo_files(SAFETY_CHECKER)
-                   if not (folder / f).is_file()]
-        if missing:
-            raise WeightsMissingError(
-                f"safety checker weights missing in {Path(weights_dir).resolve()}:\n  " + "\n  ".join(missing)
-                + "\nFetch them with the other weights (setup does, unless WEIGHTS_OFFLINE=1), or set "
-                "SAFETY_CHECKER=0 to run without the safety checker.")
+        check_present(weights_dir)
         started = time.perf_counter()
         model = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", variant=SAFETY_CHECKER.variant,
                                                               dtype=dtype)
@@ -81,7 +89,6 @@ class SafetyChecker:
             _, nsfw = self.model(clip_input=pixels.to(self.device, self.dtype), images=torch.zeros(len(chunk), 1))
             result += [bool(x) for x in nsfw]
         return result
-
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         def run(part):

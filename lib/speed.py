@@ -6,18 +6,27 @@ Variable (default on CUDA / on the CPU): what it does.
 - SPEED (1/1): 0 turns every default below off (the plain diffusers path); single switches still override.
 - SPEED_SDPA (1/1): attention through torch's scaled_dot_product_attention, diffusers' default processor
   (checked and reported); 0 puts the classic processor back, for before/after.
-- SPEED_TF32 (1/-): TF32 for fp32 matmuls and convolutions (acts only on fp32 parts).
-- SPEED_CUDNN_BENCHMARK (1/-): cuDNN picks the fastest convolution per shape (a new shape's first call pays).
+- SPEED_TF32 (1/-): TF32 for fp32 matmuls and convolutions (acts only on fp32 parts). Set through torch's legacy
+  flags only: torch 2.13 refuses to read them once the newer `fp32_precision` API has been used, and
+  torch.compile's inductor reads them (pytorch issue 166387).
+- SPEED_CUDNN_BENCHMARK (0/-): cuDNN times its convolution algorithms per new shape and keeps the fastest. Off
+  for predictions: their sizes are free-form (any multiple of 8), and every new size would pay the autotuning.
+  On where shapes are fixed: the realtime server (one size per session) and the benchmark's fixed cases.
 - SPEED_CHANNELS_LAST (1/0): UNet and VAE weights in channels_last (NHWC), the layout tensor cores want.
-- SPEED_FUSE_QKV (1/0): one fused QKV (self-attention) / KV (cross-attention) projection per attention.
-- SPEED_VAE_DTYPE (auto/auto): auto runs a VAE whose config forces an fp32 upcast (SDXL's: fp16 overflows)
-  in bfloat16 on CUDA (fp32's exponent range, half the bytes, tensor cores) instead of fp32; other VAEs
-  run in the model dtype. keep: as loaded (the plain path: fp32 for SDXL's). Or float32, bfloat16, float16.
+- SPEED_FUSE_QKV (1/0): one fused QKV (self-attention) / KV (cross-attention) projection per attention; the
+  separate projections are dropped (diffusers keeps both: about 2.9 GB more for all modes), and rebuilt as
+  views of the fused weights only while a style LoRA needs them (lib/lora.py).
+- SPEED_VAE_DTYPE (auto/auto): auto runs a VAE whose own config forces an upcast (SDXL's: fp16 overflows) in
+  bfloat16 where the GPU has it natively (compute capability 8.0+), else float32; the others in the model
+  dtype (lib/precision.py). keep: as diffusers loads it (fp32 for SDXL's). Or float32, bfloat16, float16.
 - SPEED_COMPILE (0/0): torch.compile; 1 = unet,vae, or a list of unet, vae (the decoders), text.
 - SPEED_COMPILE_MODE (max-autotune-no-cudagraphs, or max-autotune with CUDA graphs / default).
 - SPEED_COMPILE_BACKEND (inductor): eager or aot_eager check the plumbing quickly.
 - SPEED_CUDA_GRAPHS (0/-): CUDA graphs for the static shapes via torch.compile (implies compiling the UNet).
-- SPEED_WARMUP (1/0): setup runs each mode once at its default size (compiles, autotunes); time reported.
+  Only for the modes the memory plan keeps resident: a graph holds the device addresses of its weights, which a
+  move out and back would change; modes kept in host memory are compiled without graphs.
+- SPEED_WARMUP (1/0): each mode once at its default size (compiles, autotunes), on the thread that serves
+  predictions (graph trees are per thread), with the safety checker off for its own images.
 - SPEED_ENCODE_THREADS (min(4, cores)): image files are encoded in these threads, off the critical path
   (0: inline). SPEED_WEBP_METHOD (0): libwebp effort; 0 is 4x faster than 4 at 512px, same PSNR, +12% bytes.
   (Both read by lib/images.py.)
@@ -37,6 +46,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from .env import FALSE, TRUE, env_flag
+from .precision import Precision, choose as choose_precision, needs_upcast
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +77,7 @@ class Settings:
         values = {
             "sdpa": env_flag("SPEED_SDPA", True, env),
             "tf32": env_flag("SPEED_TF32", fast and cuda, env),
-            "cudnn_benchmark": env_flag("SPEED_CUDNN_BENCHMARK", fast and cuda, env),
+            "cudnn_benchmark": env_flag("SPEED_CUDNN_BENCHMARK", False, env),
             "channels_last": env_flag("SPEED_CHANNELS_LAST", fast and cuda, env),
             "fuse_qkv": env_flag("SPEED_FUSE_QKV", fast and cuda, env),
             "vae_dtype": env.get("SPEED_VAE_DTYPE", "").strip().lower() or ("auto" if fast else "keep"),
@@ -123,17 +133,13 @@ def decoders(loaded) -> list:
     return _unique([loaded.txt2img.vae, getattr(loaded, "tiny_vae", None)])
 
 
-def vae_dtype(vae, settings: Settings, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    if settings.vae_dtype == "keep":
-        return vae.dtype
+def vae_dtype(config, settings: Settings, dtypes: Precision, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decoder (VAE or TAESD) with this config runs in."""
+    if settings.vae_dtype == "keep":  # as diffusers loads it: an upcast VAE in fp32
+        return torch.float32 if needs_upcast(config) else model_dtype
     if settings.vae_dtype != "auto":
         return getattr(torch, settings.vae_dtype)
-    if getattr(vae.config, "force_upcast", False) and dtype == torch.float16:
-        # The SDXL VAE overflows in fp16. bfloat16 has fp32's exponent range: no overflow, half the bytes
-        # and tensor-core speed (as ComfyUI decodes by default). Without bf16 support: fp32, as diffusers.
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return dtype
+    return dtypes.upcast_vae if needs_upcast(config) else model_dtype
 
 
 def attention_report(modules) -> dict:
@@ -153,14 +159,17 @@ def attention_report(modules) -> dict:
 
 
 @torch.no_grad()
-def apply(modes: dict, device: torch.device, dtype: torch.dtype, settings: Settings) -> dict:
-    """Apply `settings` to every mode's modules (each shared module once). Returns what was done."""
+def apply(modes: dict, device: torch.device, dtype: torch.dtype, settings: Settings, dtypes: Precision | None = None,
+          resident=None) -> dict:
+    """Apply `settings` to every mode's modules (each shared module once); `resident`: the modes the memory plan
+    keeps on the device (default: all). Returns what was done."""
     from diffusers.models.attention_processor import AttnProcessor
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    dtypes = dtypes or choose_precision(device)
     if cuda:  # process-wide flags: set both ways
-        _set_tf32(settings.tf32)
+        set_tf32(settings.tf32)
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     loaded = list(modes.values())
     unets = _unique(lm.txt2img.unet for lm in loaded)
@@ -170,39 +179,90 @@ def apply(modes: dict, device: torch.device, dtype: torch.dtype, settings: Setti
 
     report["vae_dtype"] = {}
     for v in vaes:
-        target = vae_dtype(v, settings, device, dtype)
+        target = vae_dtype(v.config, settings, dtypes, dtype)
         if v.dtype != target:
             v.to(target)
         report["vae_dtype"][type(v).__name__] = str(target).removeprefix("torch.")
 
     attention_modules = [m for m in unets + vaes if hasattr(m, "set_attn_processor")]
+    report["projections_dropped"] = 0
     if not settings.sdpa:
         for m in attention_modules:
             m.set_attn_processor(AttnProcessor())
     elif settings.fuse_qkv:
         for m in attention_modules:
             if hasattr(m, "fuse_qkv_projections") and m.attn_processors:
-                m.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA)
+                report["projections_dropped"] += fuse_projections(m)
     if settings.channels_last:
         for m in unets + vaes:
             m.to(memory_format=torch.channels_last)
     report["attention"] = attention_report(unets + vaes + texts)
 
     if settings.compile:
-        _compile(settings, unets, vaes, texts)
+        resident = set(modes) if resident is None else set(resident)
+        on_device = {id(m) for name in resident for m in modes[name].modules()}
+        _compile(settings, unets, vaes, texts, on_device)
     report["compiled"] = list(settings.compile)
     return report
 
 
-def _set_tf32(on: bool) -> None:
-    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(matmul, "fp32_precision") and conv is not None:  # torch >= 2.9
-        matmul.fp32_precision = conv.fp32_precision = "tf32" if on else "ieee"
-    else:
-        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+def fuse_projections(model) -> int:
+    """Fused QKV (self-attention) / KV (cross-attention) projections, with the separate ones dropped: diffusers
+    keeps both, which would hold every projection twice. Returns how many projections were dropped."""
+    model.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA), which reads only the fused layers
+    dropped = 0
+    for attn in fused_attentions(model):
+        for name in separate_projections(attn):
+            delattr(attn, name)
+            dropped += 1
+    return dropped
 
 
-def _compile(settings: Settings, unets, vaes, texts) -> None:
+def fused_attentions(model) -> list:
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention) and getattr(m, "fused_projections", False)]
+
+
+def separate_projections(attn) -> tuple[str, ...]:
+    """The layers a fused attention replaces (cross-attention keeps its own query projection)."""
+    return ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+
+
+def restore_projections(model) -> list[tuple]:
+    """The separate projections of each fused attention back, as views of the fused weights (no copy), for as
+    long as something needs them (a style LoRA's adapters). Returns what drop_projections takes."""
+    rebuilt = []
+    for attn in fused_attentions(model):
+        names = separate_projections(attn)
+        if all(hasattr(attn, n) for n in names):
+            continue
+        fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
+        width = fused.out_features // len(names)
+        for i, name in enumerate(names):
+            layer = torch.nn.Linear(fused.in_features, width, bias=fused.bias is not None, device="meta")
+            rows = slice(i * width, (i + 1) * width)
+            layer.weight = torch.nn.Parameter(fused.weight[rows], requires_grad=False)
+            if fused.bias is not None:
+                layer.bias = torch.nn.Parameter(fused.bias[rows], requires_grad=False)
+            setattr(attn, name, layer)
+        rebuilt.append((attn, names))
+    return rebuilt
+
+
+def drop_projections(rebuilt: list[tuple]) -> None:
+    for attn, names in rebuilt:
+        for name in names:
+            delattr(attn, name)
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions, through the legacy flags only (see the module docstring)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def _compile(settings: Settings, unets, vaes, texts, on_device: set[int]) -> None:
     if settings.compile_backend == "inductor":
         import torch._inductor.config as inductor
 
@@ -211,29 +271,39 @@ def _compile(settings: Settings, unets, vaes, texts) -> None:
         inductor.coordinate_descent_tuning = True
         inductor.epilogue_fusion = False
         inductor.coordinate_descent_check_all_directions = True
-    options = {"backend": settings.compile_backend}
-    if settings.compile_backend == "inductor":
-        options["mode"] = settings.compile_mode
-    targets = {"unet": unets, "vae": [getattr(v, "decoder", v) for v in vaes], "text": texts}
+    targets = {"unet": unets, "vae": vaes, "text": texts}
     for target in settings.compile:
         for module in targets[target]:
-            module.compile(**options)  # in place: the module stays the one the pipelines share
+            options = {"backend": settings.compile_backend}
+            if settings.compile_backend == "inductor":
+                # A module that the memory plan may move out and back must not hold CUDA graphs.
+                options["mode"] = settings.compile_mode if id(module) in on_device or not settings.cuda_graphs \
+                    else "max-autotune-no-cudagraphs"
+            getattr(module, "decoder", module).compile(**options)  # in place: the pipelines share the module
 
 
 def warm_up(engine) -> dict:
-    """Run every mode once at its default size (and batch 1): compiles and autotunes before the first request.
-    Returns seconds per mode."""
+    """Run every mode once at its default size (batch 1, each decoder): compiles and autotunes before the first
+    request. Call it on the thread that will serve predictions (lib/batcher.py does). The safety checker runs
+    once on a blank image, to load its kernels, but judges none of the warm-up's own images (a flagged noise
+    image must not fail setup). Returns seconds per mode."""
     seconds = {}
     for name in engine.modes:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             for fast_decode in _decode_variants(engine, name):
                 extra = {"fast_decode": True} if fast_decode else {}
-                request = engine.request(prompt="warm-up", mode=name, seed=0, output_format="webp", **extra)
+                request = engine.request(prompt="warm-up", mode=name, seed=0, output_format="webp",
+                                         disable_safety_checker=True, **extra)
                 for _ in engine.run(request, tmp):
                     pass
         seconds[name] = round(time.perf_counter() - started, 3)
         log.info("warm-up %s: %.1f s", name, seconds[name])
+    if engine.safety is not None:
+        from PIL import Image
+
+        engine.safety.flagged([Image.new("RGB", (224, 224))])
+    engine.speed["warmup_s"] = seconds
     return seconds
 
 
@@ -241,16 +311,16 @@ def _decode_variants(engine, name: str) -> list[bool]:
     return [False, True] if getattr(engine.modes[name], "tiny_vae", None) is not None else [False]
 
 
-def optimize(engine, settings: Settings | None = None):
-    """Engine.load's last step: apply the switches from the environment and warm up. The report is kept in
-    engine.speed (and the benchmark records it)."""
+def optimize(engine, settings: Settings | None = None, dtypes: Precision | None = None, resident=None):
+    """Engine.load's last step: apply the switches from the environment (warm-up is separate: `warm_up`, on the
+    serving thread). The report is kept in engine.speed (and the benchmark records it)."""
     settings = settings or Settings.from_env(engine.device)
     started = time.perf_counter()
-    report = apply(engine.modes, engine.device, engine.dtype, settings)
+    report = apply(engine.modes, engine.device, engine.dtype, settings, dtypes, resident)
     report["apply_s"] = round(time.perf_counter() - started, 3)
-    report["warmup_s"] = warm_up(engine) if settings.warmup else {}
+    report["warmup_s"] = {}
     engine.speed = report
-    log.info("fast path on %s: %s; attention: %s; applied in %.1f s%s", engine.device, settings.describe(),
-             report["attention"], report["apply_s"],
-             f", warm-up {sum(report['warmup_s'].values()):.1f} s" if report["warmup_s"] else "")
+    engine.speed_settings = settings
+    log.info("fast path on %s: %s; attention: %s; applied in %.1f s", engine.device, settings.describe(),
+             report["attention"], report["apply_s"])
     return engine

@@ -1,5 +1,6 @@
-"""VAE encode (img2img input) and decode (output), done by the engine rather than inside the pipelines so
-that each image can be decoded and handed out as soon as it is ready, and each stage can be timed."""
+"""VAE encode (img2img input) and decode (output), done by the engine rather than inside the pipelines so that
+a batch's images are decoded in as few calls as memory allows, each stage timed, and the pixels handed to the
+host without blocking the device thread."""
 
 from __future__ import annotations
 
@@ -25,9 +26,31 @@ def encode(vae, image: Image.Image, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode(vae, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents (N, C, h, w) -> N RGB images."""
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (N, C, h, w) -> N images as uint8 (N, H, W, 3) on the latents' device, in one call."""
     scaling, shift = _scale(vae)
-    pixels = vae.decode(latents.to(vae.dtype) / scaling + shift).sample
-    pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+    pixels = vae.decode(latents.to(vae.device, vae.dtype) / scaling + shift).sample
+    return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def to_host(pixels: torch.Tensor) -> torch.Tensor:
+    """The pixels copied to host memory without waiting (pinned memory; a CUDA event says when they are there)."""
+    if pixels.device.type != "cuda":
+        return pixels
+    host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+    host.copy_(pixels, non_blocking=True)
+    return host
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """Host uint8 (N, H, W, 3) -> N PIL images."""
+    return [Image.fromarray(a) for a in pixels.numpy()]
+
+
+def decode_bytes(vae, width: int, height: int) -> int:
+    """About how much memory decoding one image of this size takes (lib/memory.py's estimate)."""
+    from .memory import VAE_LIVE_TENSORS
+
+    channels = vae.config.block_out_channels[0] if hasattr(vae.config, "block_out_channels") else \
+        vae.config.decoder_block_out_channels[0]
+    return width * height * channels * torch.empty((), dtype=vae.dtype).element_size() * VAE_LIVE_TENSORS

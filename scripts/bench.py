@@ -224,6 +224,8 @@ def run_full(args, device: torch.device, dtype: torch.dtype, results: dict, save
             # Warm-up in setup is measured here like setup() does it; the bench's own warm-up runs follow.
             settings = speed.Settings.from_env(device, env)
             speed.optimize(engine, settings)
+            if settings.warmup:  # in this thread: the one that runs the measured predictions
+                engine.warm_up()
             setup = {"build_s": round(build_s, 2), "apply_s": engine.speed["apply_s"],
                      "warmup_s": sum(engine.speed["warmup_s"].values()),
                      "memory_after_setup_gb": peak_memory_gb(device)}
@@ -612,9 +614,11 @@ def main(argv=None) -> dict:
     if args.render:
         return render_all(Path(args.out), Path(args.doc))
 
-    from lib.loading import choose_device_and_dtype
+    from lib.loading import choose_device
+    from lib.precision import choose as choose_precision
 
-    device, dtype = choose_device_and_dtype()
+    device = choose_device()
+    dtype = choose_precision(device, requested=os.environ.get("MODEL_DTYPE") or None).model
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
     cpu = device.type == "cpu"

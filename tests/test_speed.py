@@ -103,12 +103,6 @@ def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
         engine.request(prompt="x", mode="sd-turbo", fast_decode="yes")
 
 
-def test_warmup_runs_each_mode_at_its_default_size(tiny_weights):
-    engine = engine_with(tiny_weights, {"SPEED_WARMUP": "1"}, ("sd-turbo",))
-    assert list(engine.speed["warmup_s"]) == ["sd-turbo"] and engine.speed["warmup_s"]["sd-turbo"] > 0
-    assert not engine_with(tiny_weights, {}, ("sd-turbo",)).speed["warmup_s"]  # off on the CPU by default
-
-
 def test_attention_runs_sdpa_by_default_and_fused_when_asked(tiny_weights):
     """diffusers' default processor calls torch SDPA; fused QKV keeps SDPA; the text encoders use sdpa too."""
     default = engine_with(tiny_weights, {}).speed["attention"]
@@ -119,8 +113,24 @@ def test_attention_runs_sdpa_by_default_and_fused_when_asked(tiny_weights):
     assert fused.speed["attention"]["UNet2DConditionModel"].keys() == {"FusedAttnProcessor2_0"}
     unet = fused.modes["sd-turbo"].txt2img.unet
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0]
-    assert attn.attn1.to_qkv.weight.shape[0] == 3 * attn.attn1.to_q.weight.shape[0]  # self-attention: QKV
-    assert attn.attn2.to_kv.weight.shape[0] == 2 * attn.attn2.to_k.weight.shape[0]  # cross-attention: KV
+    inner = attn.attn2.to_q.weight.shape[0]  # cross-attention keeps its own query projection
+    assert attn.attn1.to_qkv.weight.shape[0] == 3 * inner  # self-attention: QKV
+    assert attn.attn2.to_kv.weight.shape[0] == 2 * inner  # cross-attention: KV
+
+
+def test_fused_projections_hold_each_weight_once(tiny_weights):
+    """diffusers' fuse keeps the separate projections beside the fused one; the fast path drops them, so the
+    fused models hold exactly the plain models' bytes (and give their images: test_switch_gives_...)."""
+    from lib.memory import module_bytes
+
+    plain, fused = engine_with(tiny_weights, {"SPEED": "0"}), engine_with(tiny_weights, {"SPEED_FUSE_QKV": "1"})
+    for mode in MODES:
+        for a, b in zip(plain.modes[mode].modules(), fused.modes[mode].modules()):
+            assert module_bytes(a) == module_bytes(b), (mode, type(a).__name__)
+    unet = fused.modes["sd-turbo"].txt2img.unet
+    names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
+    assert "to_qkv" in names and "to_kv" in names and "to_k" not in names and "to_v" not in names
+    assert fused.speed["projections_dropped"] > 0
 
 
 def test_settings_defaults_and_errors():
@@ -128,7 +138,9 @@ def test_settings_defaults_and_errors():
     assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile) == \
         (True, False, False, False, False, ())
     cuda = speed.Settings.from_env(torch.device("cuda"), {})
-    assert (cuda.channels_last, cuda.fuse_qkv, cuda.tf32, cuda.cudnn_benchmark, cuda.warmup) == (True,) * 5
+    assert (cuda.channels_last, cuda.fuse_qkv, cuda.tf32, cuda.warmup) == (True,) * 4
+    # Prediction sizes are free-form: cuDNN autotuning per new size would cost more than it saves.
+    assert not cuda.cudnn_benchmark and speed.Settings.from_env(CPU, {"SPEED_CUDNN_BENCHMARK": "1"}).cudnn_benchmark
     assert cuda.vae_dtype == "auto" and cuda.compile == () and not cuda.cuda_graphs
     plain = speed.Settings.from_env(torch.device("cuda"), {"SPEED": "0"})
     assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype) == \
@@ -143,19 +155,47 @@ def test_settings_defaults_and_errors():
             speed.Settings.from_env(CPU, env)
 
 
-def test_sdxl_vae_dtype_auto_is_bfloat16_on_cuda(tiny_weights, monkeypatch):
-    """The SDXL VAE config forces an fp32 upcast: `auto` runs it in bfloat16 (fp32's range: no fp16 overflow)
-    on a CUDA device with bf16, in fp32 on one without, and as the model where that is fp32."""
-    vae = load_modes(tiny_weights, ("sdxl-turbo",), CPU, FP32)["sdxl-turbo"].txt2img.vae
-    assert vae.config.force_upcast
-    settings, cuda = speed.Settings.from_env(CPU, {}), torch.device("cuda")
-    assert speed.vae_dtype(vae, settings, CPU, FP32) == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert speed.vae_dtype(vae, settings, cuda, torch.float16) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert speed.vae_dtype(vae, settings, cuda, torch.float16) == torch.float32
-    keep = speed.Settings.from_env(cuda, {"SPEED": "0"})
-    assert speed.vae_dtype(vae, keep, cuda, torch.float16) == vae.dtype
+def test_vae_dtypes_follow_the_vaes_own_config_and_the_gpus_compute_capability(tiny_weights):
+    """Only SDXL's VAE (its config says force_upcast: true) is upcast: to bfloat16 from compute capability 8.0,
+    to float32 below (T4, V100: bf16 there is emulated); SD 1.5 / SD Turbo's VAEs (no such key, whatever
+    AutoencoderKL's default says) run in the model dtype."""
+    from lib import precision
+
+    engine = Engine(load_modes(tiny_weights, ("sdxl-turbo", "sd-turbo"), CPU, FP32), CPU, FP32)
+    sdxl, sd = (engine.modes[m].txt2img.vae.config for m in ("sdxl-turbo", "sd-turbo"))
+    assert sdxl.force_upcast and sd.force_upcast  # AutoencoderKL's default fills the key in for SD's
+    assert precision.needs_upcast(sdxl) and not precision.needs_upcast(sd)
+    auto, keep = speed.Settings.from_env(CPU, {}), speed.Settings.from_env(CPU, {"SPEED": "0"})
+    fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+    cuda = torch.device("cuda")
+    for capability, upcast in (((7, 0), fp32), ((7, 5), fp32), ((8, 0), bf16), ((8, 9), bf16), ((9, 0), bf16)):
+        dtypes = precision.choose(cuda, capability)
+        assert (dtypes.model, dtypes.upcast_vae, dtypes.native_bf16) == (fp16, upcast, upcast == bf16)
+        assert speed.vae_dtype(sdxl, auto, dtypes, fp16) == upcast
+        assert speed.vae_dtype(sd, auto, dtypes, fp16) == fp16
+        assert speed.vae_dtype(sdxl, keep, dtypes, fp16) == fp32  # the plain path: as diffusers loads it
+        assert speed.vae_dtype(sd, keep, dtypes, fp16) == fp16
+    assert precision.choose(cuda, (8, 0), "bfloat16").model == bf16
+    with pytest.raises(ValueError, match=r"MODEL_DTYPE: bfloat16 needs compute capability 8\.0.*7\.5"):
+        precision.choose(cuda, (7, 5), "bfloat16")
+    with pytest.raises(ValueError, match="MODEL_DTYPE: 'half'"):
+        precision.choose(CPU, None, "half")
+    cpu = precision.choose(CPU)
+    assert (cpu.model, cpu.upcast_vae) == (fp32, fp32)
+    assert speed.vae_dtype(sdxl, speed.Settings.from_env(CPU, {"SPEED_VAE_DTYPE": "bfloat16"}), cpu, fp32) == bf16
+
+
+def test_tf32_is_set_through_one_api_and_stays_readable():
+    """torch.compile's inductor reads the legacy TF32 flags; after the fast path sets TF32 they must still read."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for on in (True, False, True):
+            speed.set_tf32(on)
+            assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
+            assert torch.get_float32_matmul_precision() == ("high" if on else "highest")
+    finally:
+        speed.set_tf32(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def test_encoding_in_threads_keeps_files_and_order(tiny_weights, tmp_path, monkeypatch):
