@@ -254,7 +254,14 @@ class Batch:
         seconds, _ = self.engine.residency.ensure(self.mode.name)
         if seconds:
             self.host_seconds["mode_load"] = seconds
-        latents = self._denoise()
+        try:
+            latents = self._denoise()
+        except torch.cuda.OutOfMemoryError:
+            if not self.engine.residency.evict_all_but(self.mode.name):
+                raise
+            torch.cuda.empty_cache()  # the other modes' weights are in host memory now: try once more
+            self.steps.clear()
+            latents = self._denoise()
         decoder = self.engine.decoder(self.first)
         n = len(self.images)
         size = self._chunk_size(decoder, n)

@@ -217,6 +217,20 @@ class Residency:
                  f"; moved out to host memory: {', '.join(evicted)}" if evicted else "")
         return seconds, evicted
 
+    def evict_all_but(self, name: str) -> list[str]:
+        """Move every other mode out (a request ran out of device memory: it gets the whole device)."""
+        others = [n for n in self.recent if n != name]
+        keep = {id(m) for m in self.always} | {id(m) for m in self.modules[name]}
+        for other in others:
+            del self.recent[other]
+            for m in self.modules[other]:
+                if id(m) not in keep and id(m) in self.on_device:
+                    self._to_host(m)
+                    self.on_device.discard(id(m))
+        if others:
+            log.info("memory: moved out %s to make room for a request of mode %s", ", ".join(others), name)
+        return others
+
     def _resident_bytes(self) -> int:
         return sum(self._bytes[i] for i in self.on_device)
 

@@ -3,6 +3,8 @@
   python scripts/make_tiny_weights.py DIR     # DIR/<repo_id>/<path_in_repo>, as setup() reads WEIGHTS_DIR
   python scripts/make_tiny_weights.py --mirror DIR   # a download mirror: DIR/<repo_id>/resolve/main/<path>
                                                      # + DIR/manifest.json (serve DIR, see docs/weights.md)
+  python scripts/make_tiny_weights.py --full --device cuda DIR   # full size (the real configs), random weights:
+                                                     # what scripts/gpu_check.sh loads on a machine with no Hub
 
 Each model is the real config (lib/configs/) with only its size fields shrunk, so class names, scheduler
 configs, tokenizer configs, structural flags (linear projections, LCM's guidance embedding, SDXL's
@@ -18,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -54,6 +57,19 @@ WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 SEED_OWNER = {(SDXL_TURBO.repo_id, te): SDXL_BASE.repo_id for te in ("text_encoder", "text_encoder_2")}
 
 
+@dataclass(frozen=True)
+class Scale:
+    """Tiny (shrunk configs, initialised on the CPU: the tests' models) or full (the real configs, random values
+    filled fast on `device` by lib/random_models.py: speed and memory are the real models')."""
+
+    full: bool = False
+    device: str = "cpu"
+
+
+TINY = Scale()
+LORA_FULL_RANK, LORA_FULL_ALPHA = 64, 8.0  # the LCM-LoRAs are rank 64
+
+
 def real_config(repo_id: str, path: str) -> dict:
     return json.loads((CONFIGS / repo_id / path).read_text())
 
@@ -62,12 +78,15 @@ def seed(repo_id: str, component: str) -> int:
     return zlib.crc32(f"{SEED_OWNER.get((repo_id, component), repo_id)}/{component}".encode())
 
 
-def text_encoder_config(repo_id: str, component: str) -> dict:
-    return {**real_config(repo_id, f"{component}/config.json"), **TEXT_ENCODER_SIZES[component]}
+def text_encoder_config(repo_id: str, component: str, scale: Scale = TINY) -> dict:
+    config = real_config(repo_id, f"{component}/config.json")
+    return config if scale.full else {**config, **TEXT_ENCODER_SIZES[component]}
 
 
-def unet_config(repo: Repo) -> dict:
+def unet_config(repo: Repo, scale: Scale = TINY) -> dict:
     config = real_config(repo.repo_id, "unet/config.json")
+    if scale.full:
+        return config
     encoders = [text_encoder_config(repo.repo_id, c) for c in repo.components if c.startswith("text_encoder")]
     config.update(
         UNET_SIZES,
@@ -89,20 +108,28 @@ def unet_config(repo: Repo) -> dict:
     return config
 
 
-def component_config(repo: Repo, component: str) -> dict:
+def component_config(repo: Repo, component: str, scale: Scale = TINY) -> dict:
     if component == "unet":
-        return unet_config(repo)
+        return unet_config(repo, scale)
     if component == "vae":
-        return {**real_config(repo.repo_id, "vae/config.json"), **VAE_SIZES}
-    return text_encoder_config(repo.repo_id, component)
+        config = real_config(repo.repo_id, "vae/config.json")
+        return config if scale.full else {**config, **VAE_SIZES}
+    return text_encoder_config(repo.repo_id, component, scale)
 
 
-def build(library: str, class_name: str, config: dict, seed_value: int) -> torch.nn.Module:
+def build(library: str, class_name: str, config: dict, seed_value: int, scale: Scale = TINY,
+          factory=None) -> torch.nn.Module:
     """A randomly initialised model; the seed fixes every weight."""
-    torch.manual_seed(seed_value)
-    if library == "diffusers":
-        return getattr(diffusers, class_name).from_config(config)
-    return getattr(transformers, class_name)(transformers.CLIPTextConfig.from_dict(config))
+    if factory is None:
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        factory = (lambda: cls.from_config(config)) if library == "diffusers" else \
+            (lambda: cls(transformers.CLIPTextConfig.from_dict(config)))
+    if not scale.full:
+        torch.manual_seed(seed_value)
+        return factory()
+    from lib import random_models
+
+    return random_models.materialize(random_models.construct(factory), scale.device, torch.float16, seed_value)
 
 
 def save_model(model: torch.nn.Module, config: dict, folder: Path, library: str, variant: str | None) -> list[Path]:
@@ -111,7 +138,7 @@ def save_model(model: torch.nn.Module, config: dict, folder: Path, library: str,
     dtype = torch.float16 if variant == "fp16" else torch.float32
     weights = folder / f"{WEIGHT_NAMES[library]}{f'.{variant}' if variant else ''}.safetensors"
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}, weights,
+    save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}, weights,
               metadata={"format": "pt"})  # what save_pretrained writes
     return [folder / "config.json", weights]
 
@@ -147,7 +174,7 @@ def copy_real(repo_id: str, path: str, repo_dir: Path) -> Path:
     return repo_dir / path
 
 
-def write_pipeline_repo(repo: Repo, repo_dir: Path) -> list[Path]:
+def write_pipeline_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
     """A diffusers repo: model_index.json, scheduler config, tokenizers and tiny models (no safety checker)."""
     index = real_config(repo.repo_id, "model_index.json")
     written = [copy_real(repo.repo_id, "model_index.json", repo_dir)]
@@ -158,11 +185,12 @@ def write_pipeline_repo(repo: Repo, repo_dir: Path) -> list[Path]:
         elif component.startswith("tokenizer"):
             written += write_tokenizer(repo.repo_id, component, repo_dir)
         elif component in SAFETY_CHECKER.components:
-            written += write_safety_checker(repo, component, repo_dir)
+            written += write_safety_checker(repo, component, repo_dir, scale)
         else:
-            config = component_config(repo, component)
-            model = build(library, class_name, config, seed(repo.repo_id, component))
+            config = component_config(repo, component, scale)
+            model = build(library, class_name, config, seed(repo.repo_id, component), scale)
             written += save_model(model, config, repo_dir / component, library, repo.variant)
+            del model
     return written
 
 
@@ -176,7 +204,7 @@ SAFETY_PROJECTION_DIM = 32
 SAFETY_TINY_THRESHOLD = 2.0
 
 
-def write_safety_checker(repo: Repo, component: str, repo_dir: Path) -> list[Path]:
+def write_safety_checker(repo: Repo, component: str, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
     """The SD safety checker (StableDiffusionSafetyChecker, fp16 as in the real repo) or its feature extractor
     (the real preprocessor_config.json, byte for byte)."""
     if component == "feature_extractor":
@@ -184,16 +212,19 @@ def write_safety_checker(repo: Repo, component: str, repo_dir: Path) -> list[Pat
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     config = real_config(repo.repo_id, "safety_checker/config.json")
-    for key, sizes in (("vision_config", SAFETY_VISION_SIZES), ("text_config", SAFETY_TEXT_SIZES)):
-        for name in (key, f"{key}_dict"):  # the legacy *_dict copies win where transformers still reads them
-            if isinstance(config.get(name), dict):
-                config[name].update(sizes)
-    config["projection_dim"] = SAFETY_PROJECTION_DIM
-    torch.manual_seed(seed(repo.repo_id, component))
-    model = StableDiffusionSafetyChecker(transformers.CLIPConfig.from_dict(config))
+    if not scale.full:
+        for key, sizes in (("vision_config", SAFETY_VISION_SIZES), ("text_config", SAFETY_TEXT_SIZES)):
+            for name in (key, f"{key}_dict"):  # the legacy *_dict copies win where transformers still reads them
+                if isinstance(config.get(name), dict):
+                    config[name].update(sizes)
+        config["projection_dim"] = SAFETY_PROJECTION_DIM
+    clip = transformers.CLIPConfig.from_dict(config)
+    model = build("transformers", "StableDiffusionSafetyChecker", config, seed(repo.repo_id, component), scale,
+                  factory=lambda: StableDiffusionSafetyChecker(clip))
     with torch.no_grad():
-        model.concept_embeds.normal_()
-        model.special_care_embeds.normal_()
+        if not scale.full:
+            model.concept_embeds.normal_()
+            model.special_care_embeds.normal_()
         model.concept_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
         model.special_care_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
     return save_model(model, config, repo_dir / component, "transformers", repo.variant)
@@ -204,11 +235,18 @@ def lora_base(repo: Repo) -> Repo:
     return next(m.repo for m in MODES.values() if m.lora == repo)
 
 
-def write_lora_repo(repo: Repo, repo_dir: Path) -> list[Path]:
-    """The LCM-LoRA for the tiny base UNet, in the kohya layout of the real file (fp16):
+def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """The LCM-LoRA for the base UNet, in the kohya layout of the real file (fp16):
     lora_unet_<module_path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha."""
     base = lora_base(repo)
-    unet = build("diffusers", "UNet2DConditionModel", unet_config(base), seed(base.repo_id, "unet"))
+    config = unet_config(base, scale)
+    if scale.full:  # the module tree alone: shapes, no weights
+        from lib import random_models
+
+        unet = random_models.construct(lambda: diffusers.UNet2DConditionModel.from_config(config))
+    else:
+        unet = build("diffusers", "UNet2DConditionModel", config, seed(base.repo_id, "unet"))
+    rank, alpha = (LORA_FULL_RANK, LORA_FULL_ALPHA) if scale.full else (LORA_RANK, LORA_ALPHA)
     generator = torch.Generator().manual_seed(seed(repo.repo_id, "lora"))
     tensors = {}
     for name, module in unet.named_modules():
@@ -216,15 +254,15 @@ def write_lora_repo(repo: Repo, repo_dir: Path) -> list[Path]:
                 not any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
             continue
         if isinstance(module, torch.nn.Linear):
-            down_shape, up_shape = (LORA_RANK, module.in_features), (module.out_features, LORA_RANK)
+            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
         else:  # kohya: the down conv has the layer's kernel, the up conv is 1x1
-            down_shape = (LORA_RANK, module.in_channels, *module.kernel_size)
-            up_shape = (module.out_channels, LORA_RANK, 1, 1)
+            down_shape = (rank, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, rank, 1, 1)
         key = "lora_unet_" + name.replace(".", "_")
         # Non-zero up weights (training starts them at zero), so fusing visibly changes the UNet.
         tensors[f"{key}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) * 0.1).half()
         tensors[f"{key}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 0.1).half()
-        tensors[f"{key}.alpha"] = torch.tensor(LORA_ALPHA, dtype=torch.float16)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
     repo_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, repo_dir / LORA_WEIGHT_NAME)
     return [repo_dir / LORA_WEIGHT_NAME]
@@ -235,26 +273,27 @@ TAESD_SIZES = dict(encoder_block_out_channels=[8, 8, 8, 8], decoder_block_out_ch
                    num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1])
 
 
-def write_tiny_vae_repo(repo: Repo, repo_dir: Path) -> list[Path]:
+def write_tiny_vae_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
     """TAESD / TAESDXL: config.json + diffusion_pytorch_model.safetensors at the repo's root (diffusers layout)."""
-    config = {**real_config(repo.repo_id, "config.json"), **TAESD_SIZES}
-    model = build("diffusers", "AutoencoderTiny", config, seed(repo.repo_id, TINY_VAE))
+    config = real_config(repo.repo_id, "config.json")
+    config = config if scale.full else {**config, **TAESD_SIZES}
+    model = build("diffusers", "AutoencoderTiny", config, seed(repo.repo_id, TINY_VAE), scale)
     return save_model(model, config, repo_dir, "diffusers", repo.variant)
 
 
-def write_repo(repo: Repo, repo_dir: Path) -> list[Path]:
-    """One repo's tiny files under repo_dir (= WEIGHTS_DIR/<repo_id>); returns the paths written (repo_dir/...)."""
+def write_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """One repo's files under repo_dir (= WEIGHTS_DIR/<repo_id>); returns the paths written (repo_dir/...)."""
     if repo.components == (TINY_VAE,):
-        return write_tiny_vae_repo(repo, repo_dir)
-    return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir)
+        return write_tiny_vae_repo(repo, repo_dir, scale)
+    return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir, scale)
 
 
-def write_tiny_weights(out_dir: Path) -> list[Path]:
+def write_tiny_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
     """Every mode's repos under out_dir/<repo_id>/; returns the files written, relative to out_dir."""
     out_dir = Path(out_dir)
     written = []
     for repo in all_repos(MODES, safety_checker=True):
-        written += write_repo(repo, out_dir / repo.repo_id)
+        written += write_repo(repo, out_dir / repo.repo_id, scale)
     return [p.relative_to(out_dir) for p in written]
 
 
@@ -280,6 +319,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", type=Path, nargs="?", help="where to write DIR/<repo_id>/...")
     parser.add_argument("--mirror", type=Path, metavar="DIR", help="write a download mirror into DIR instead")
+    parser.add_argument("--full", action="store_true", help="full size (the real configs), random weights")
+    parser.add_argument("--device", default="cpu", help="--full: where the random values are made (cuda is fast)")
     args = parser.parse_args()
     if (args.dir is None) == (args.mirror is None):
         parser.error("give DIR, or --mirror DIR")
@@ -288,7 +329,7 @@ def main() -> None:
         n = sum(len(spec["files"]) for spec in manifest["repos"].values())
         print(f"wrote a mirror of {n} files and {args.mirror / 'manifest.json'}")
         return
-    files = write_tiny_weights(args.dir)
+    files = write_tiny_weights(args.dir, Scale(args.full, args.device))
     print(f"wrote {len(files)} files under {args.dir}")
 
 
