@@ -7,11 +7,11 @@ from typing import Iterator, Optional
 
 from cog import BaseRunner, Input, Path
 
-from lib import inputs
-from lib.batcher import Batcher
-from lib.engine import Engine
-from lib.images import new_output_dir
-from lib.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
+from lib.engine import inputs
+from lib.engine.batcher import Batcher
+from lib.engine.engine import Engine
+from lib.engine.images import new_output_dir
+from lib.engine.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
 
 # The model description users see: the turbo modes' weights are licensed for non-commercial use only.
 MODE_HELP = "; ".join(f"{m.name}: {m.summary}" + (" (non-commercial use only: Stability AI Non-Commercial Research "

@@ -31,11 +31,10 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
+
+from lib import ROOT
 
 log = logging.getLogger("bench")
 
@@ -153,7 +152,7 @@ def measure(engine, mode: str, size: int, steps: int, batch: int, fast_decode: b
             fmt: str, budget_s: float | None = None) -> dict:
     """`warmup` + `iters` runs of one request through Engine.run (fewer timed runs, at least 3, where they
     would take more than `budget_s`); end-to-end and per-stage figures."""
-    from lib.inputs import NUM_OUTPUTS_RANGE
+    from lib.engine.inputs import NUM_OUTPUTS_RANGE
 
     device = engine.device
     extra = {"fast_decode": True} if fast_decode else {}
@@ -194,8 +193,9 @@ def measure(engine, mode: str, size: int, steps: int, batch: int, fast_decode: b
 
 
 def run_full(args, device: torch.device, dtype: torch.dtype, results: dict, save) -> None:
-    from lib import random_models, speed
-    from lib.engine import Engine
+    from lib.testkit import random_models
+    from lib.engine import speed
+    from lib.engine.engine import Engine
 
     plan = plan_runs(args)
     started_all = time.perf_counter()
@@ -264,7 +264,7 @@ def run_full(args, device: torch.device, dtype: torch.dtype, results: dict, save
 
 def plan_runs(args) -> dict:
     """{(mode, variant): [(size, steps, batch, fast_decode), ...]}."""
-    from lib.modes import MODES
+    from lib.engine.modes import MODES
 
     plan: dict = {}
     if args.suite == "gpu":
@@ -322,7 +322,7 @@ def run_tiny(args) -> dict:
 
     weights = Path(args.weights) if args.weights else Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     if not args.weights:
-        from scripts.make_tiny_weights import write_tiny_weights
+        from lib.testkit.tiny import write_tiny_weights
 
         write_tiny_weights(weights)
     saved = {k: os.environ.get(k) for k in ("WEIGHTS_DIR", "WEIGHTS_OFFLINE", "ENABLED_MODES", "SAFETY_CHECKER")}
@@ -575,7 +575,7 @@ def render(data: dict, json_path: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    from lib.modes import MODES
+    from lib.engine.modes import MODES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["gpu"], help="gpu: the goals, before/after, batches, compile")
@@ -614,8 +614,8 @@ def main(argv=None) -> dict:
     if args.render:
         return render_all(Path(args.out), Path(args.doc))
 
-    from lib.loading import choose_device
-    from lib.precision import choose as choose_precision
+    from lib.engine.loading import choose_device
+    from lib.engine.precision import choose as choose_precision
 
     device = choose_device()
     dtype = choose_precision(device, requested=os.environ.get("MODEL_DTYPE") or None).model

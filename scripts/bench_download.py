@@ -25,11 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from lib.download import Downloader, Job, Settings, human  # noqa: E402
-from tests.http_fixtures import Nginx  # noqa: E402
+from lib.weights.download import Downloader, Job, Settings, human
+from lib.testkit.servers import Nginx
 
 
 def make_file(path: Path, size: int) -> str:
@@ -106,9 +104,9 @@ def bench_warm(reps: int) -> dict[str, float]:
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
 
-    from lib.modes import MODES
-    from lib.weights import ensure_weights
-    from scripts.make_tiny_weights import write_tiny_mirror
+    from lib.engine.modes import MODES
+    from lib.weights.cache import ensure_weights
+    from lib.testkit.tiny import write_tiny_mirror
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_mirror(Path(tmp) / "mirror")

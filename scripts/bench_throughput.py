@@ -20,8 +20,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 async def client(predictor, inputs: dict, requests: int, latencies: list[float]) -> int:
@@ -60,7 +58,7 @@ def main() -> None:
     os.environ["COG_MAX_CONCURRENCY"] = str(max(clients))  # the batcher's window is on only with concurrency
     os.environ["ENABLED_MODES"] = args.mode
     if args.tiny:
-        from scripts.make_tiny_weights import write_tiny_weights
+        from lib.testkit.tiny import write_tiny_weights
 
         os.environ["WEIGHTS_OFFLINE"] = "1"
         os.environ["WEIGHTS_DIR"] = tiny = tempfile.mkdtemp(prefix="tiny-weights-")

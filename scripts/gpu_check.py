@@ -32,11 +32,8 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 35mm"
 BUDGET = "24GB"  # the consumer cards: RTX 4090, A10G, L4
@@ -130,7 +127,7 @@ class Check:
         return info
 
     def weights(self) -> dict:
-        from scripts.make_tiny_weights import Scale, write_tiny_weights
+        from lib.testkit.tiny import Scale, write_tiny_weights
 
         self.weights_dir = Path(self.args.weights or tempfile.mkdtemp(prefix="gpu-check-weights-"))
         files = write_tiny_weights(self.weights_dir, Scale(full=not self.dry, device=str(self.device)))
@@ -177,7 +174,7 @@ class Check:
         result = {"budget": budget, "setup_s": p.setup_s, "plan": plan.describe(), "resident": list(plan.resident),
                   "peak_after_setup_gb": self.peak_gb(), "predictions": []}
         for mode_name in BUDGET_ORDER:
-            from lib.modes import MODES
+            from lib.engine.modes import MODES
 
             mode = MODES[mode_name]
             metrics: dict = {}
@@ -195,10 +192,10 @@ class Check:
     def _dry_budget(self) -> str:
         """On the tiny models: a budget that holds about three quarters of the weights (as 24 GB does for the real
         ones beside their working memory), so that the step moves modes too."""
-        from lib.engine import plan_memory
-        from lib.loading import ComponentLoader
-        from lib.memory import MARGIN
-        from lib.modes import MODES
+        from lib.engine.engine import plan_memory
+        from lib.engine.loading import ComponentLoader
+        from lib.engine.memory import MARGIN
+        from lib.engine.modes import MODES
 
         plan = plan_memory(ComponentLoader(self.device, torch.float32), self.weights_dir, tuple(MODES), True)
         return str(math.ceil((plan.working + 0.75 * plan.weights(MODES)) / (1 - MARGIN)))

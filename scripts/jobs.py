@@ -22,13 +22,11 @@ import sys
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from lib import jobs  # noqa: E402
-from lib.receiver import Receiver  # noqa: E402
-from lib.ledger import TERMINAL, Ledger  # noqa: E402
-from lib.webhooks import DEFAULT_TOLERANCE, Authenticator  # noqa: E402
+from lib.jobs import runner as jobs
+from lib.jobs.receiver import Receiver
+from lib.jobs.ledger import TERMINAL, Ledger
+from lib.jobs.webhooks import DEFAULT_TOLERANCE, Authenticator
 
 
 def say(msg: str) -> None:

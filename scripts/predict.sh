@@ -9,4 +9,4 @@ if [[ " $* " != *" --tiny "* ]] && command -v cog >/dev/null && docker info >/de
   exec cog predict "$@"
 fi
 scripts/setup_env.sh
-exec .venv/bin/python scripts/predict.py "$@"
+exec .venv/bin/python -m lib.local "$@"

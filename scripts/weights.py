@@ -26,12 +26,10 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from lib.download import Downloader, Job, PinMismatch, Settings, WeightsError, human  # noqa: E402
-from lib.modes import MODES, all_repos, safety_checker_enabled  # noqa: E402
-from lib.weights import (DEFAULT_MANIFEST, HUB_URL, Cache, Lock, ensure_weights, hash_file, load_manifest,  # noqa: E402
+from lib.weights.download import Downloader, Job, PinMismatch, Settings, WeightsError, human
+from lib.engine.modes import MODES, all_repos, safety_checker_enabled
+from lib.weights.cache import (DEFAULT_MANIFEST, HUB_URL, Cache, Lock, ensure_weights, hash_file, load_manifest,
                          lock_path, manifest_path_from_env, manifest_text, pin, plan, repo_files, resolve,
                          verify_weights, weights_dir_from_env, write_manifest)
 

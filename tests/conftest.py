@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # Same thread count everywhere: a different one can change the last bits of CPU results.
 torch.set_num_threads(2)
@@ -16,7 +14,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    from scripts.make_tiny_weights import write_tiny_weights
+    from lib.testkit.tiny import write_tiny_weights
 
     out = tmp_path_factory.mktemp("tiny-weights")
     write_tiny_weights(out)

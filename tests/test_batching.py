@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.batcher import Batcher
-from lib.inputs import InputError
+from lib.engine.batcher import Batcher
+from lib.engine.inputs import InputError
 from lib.local import outputs, run_inputs
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.images import read_settings
-from lib.inputs import InputError
+from lib.engine.images import read_settings
+from lib.engine.inputs import InputError
 from lib.local import collect, run_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_anything_else_is_an_error_naming_the_input(predictor, name, text, says)
 
 def test_the_script_refuses_a_bad_value_before_setup(tmp_path):
     env = {**os.environ, "WEIGHTS_DIR": str(tmp_path / "empty"), "WEIGHTS_OFFLINE": "1"}  # setup would fail here
-    r = subprocess.run([sys.executable, "scripts/predict.py", "-i", "prompt=x", "-i", "fast_decode=nope"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "lib.local", "-i", "prompt=x", "-i", "fast_decode=nope"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "invalid input: fast_decode: 'nope' is not true or false" in r.stderr, r.stderr
     assert "setup failed" not in r.stderr

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from lib.engine import Engine, enabled_modes_from_env
-from lib.inputs import InputError
-from lib.loading import WeightsMissingError, load_modes
+from lib.engine.engine import Engine, enabled_modes_from_env
+from lib.engine.inputs import InputError
+from lib.engine.loading import WeightsMissingError, load_modes
 
 
 def storage(module):

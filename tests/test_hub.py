@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lib.download import PinMismatch, Settings, WeightsError
-from lib.modes import all_repos, repo_files
-from lib.weights import ensure_weights, manifest_for_tree, write_manifest
-from tests.hub_server import FakeHub
+from lib.weights.download import PinMismatch, Settings, WeightsError
+from lib.engine.modes import all_repos, repo_files
+from lib.weights.cache import ensure_weights, manifest_for_tree, write_manifest
+from lib.testkit.hub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -246,7 +246,7 @@ def test_an_unreachable_hub_fails_setup_within_a_minute_with_one_message(tmp_pat
     env = {**os.environ, "WEIGHTS_BASE_URL": base, "WEIGHTS_DIR": str(tmp_path / "weights"), "PYTHONUNBUFFERED": "1"}
     env.pop("WEIGHTS_MANIFEST", None)
     started = time.monotonic()
-    r = subprocess.run([sys.executable, "scripts/predict.py", "-i", "prompt=a test", "-i", f"mode={MODE}"],
+    r = subprocess.run([sys.executable, "-m", "lib.local", "-i", "prompt=a test", "-i", f"mode={MODE}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - started
     assert r.returncode == 1 and elapsed < 60, (elapsed, r.stderr[-2000:])

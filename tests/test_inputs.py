@@ -2,8 +2,8 @@
 
 import pytest
 
-from lib.inputs import InputError, denoising_schedule, fit_to_area, resolve_request
-from lib.modes import MODES
+from lib.engine.inputs import InputError, denoising_schedule, fit_to_area, resolve_request
+from lib.engine.modes import MODES
 
 ALL = tuple(MODES)
 

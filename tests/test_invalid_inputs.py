@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from lib.inputs import InputError
-from lib.modes import MODES
+from lib.engine.inputs import InputError
+from lib.engine.modes import MODES
 
 
 def mode_limit_cases():

@@ -1,4 +1,4 @@
-"""Async jobs end to end on loopback: the real Cog server (tests/cog_server.py) runs the predictions, the runner
+"""Async jobs end to end on loopback: the real Cog server (lib/testkit/cog_server.py) runs the predictions, the runner
 (scripts/jobs.py submit/resubmit) sends them with a webhook, the receiver (scripts/jobs.py receive) saves the
 images and keeps the SQLite ledger. Also: Replicate's webhook signatures, and the Replicate API path through a
 loopback stand-in for api.replicate.com that runs each prediction on the real Cog server."""
@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib.receiver import Receiver
-from lib.ledger import Ledger
-from lib.webhooks import Authenticator, sign, signed_headers, verify_signature
-from tests.cog_server import ROOT, WEBHOOK_TOKEN, free_port, shared_server
+from lib.jobs.receiver import Receiver
+from lib.jobs.ledger import Ledger
+from lib.jobs.webhooks import Authenticator, sign, signed_headers, verify_signature
+from lib.testkit.cog_server import ROOT, WEBHOOK_TOKEN, free_port, shared_server
 
 SECRET = "whsec_" + base64.b64encode(b"test signing secret, 32 bytes!!").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody else's secret, 32 byte").decode()

@@ -18,10 +18,10 @@ import torch
 import urllib3.util.connection
 from safetensors.torch import save, save_file
 
-from lib import lora
-from lib.engine import Cancelled
-from lib.inputs import InputError
-from tests.http_fixtures import FaultProxy, Nginx
+from lib.loras import lora
+from lib.engine.engine import Cancelled
+from lib.engine.inputs import InputError
+from lib.testkit.servers import FaultProxy, Nginx
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -181,7 +181,7 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
     (LCM at 1.0); afterwards the fused UNet is bit-identical (the LCM-LoRA stays fused)."""
     from diffusers import StableDiffusionPipeline
 
-    from lib.modes import LORA_WEIGHT_NAME, MODES
+    from lib.engine.modes import LORA_WEIGHT_NAME, MODES
 
     mode = MODES["lcm-lora-sd15"]
     pipe = predictor.engine.modes[mode.name].txt2img
@@ -219,7 +219,7 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
 def test_fused_qkv_attention_is_bypassed_while_the_lora_is_on_and_restored(tiny_weights, server):
     """With SPEED_FUSE_QKV (on by default on CUDA) attention runs to_qkv; a LoRA on to_q/to_k/to_v must not
     be silently ignored, and the fused processors come back afterwards."""
-    from lib.loading import load_modes
+    from lib.engine.loading import load_modes
 
     pipe = load_modes(tiny_weights, ("sd-turbo",), torch.device("cpu"), torch.float32)["sd-turbo"].txt2img
     style = lora.fetch(f"{server.url}/peft-sd-turbo.safetensors")
@@ -509,7 +509,7 @@ def test_no_leak_after_a_cancel(predictor, run, server, tmp_path):
 
 
 def test_lora_url_and_scale_are_part_of_the_batch_key(predictor):
-    from lib.engine import batch_key
+    from lib.engine.engine import batch_key
 
     def key(**extra):
         return batch_key(predictor.engine.request(**BASE, mode="sd-turbo", **extra))

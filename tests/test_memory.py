@@ -12,12 +12,12 @@ import threading
 import pytest
 import torch
 
-from lib import memory
-from lib.batcher import Batcher
-from lib.engine import Engine, plan_memory
-from lib.loading import ComponentLoader
+from lib.engine import memory
+from lib.engine.batcher import Batcher
+from lib.engine.engine import Engine, plan_memory
+from lib.engine.loading import ComponentLoader
 from lib.local import collect, outputs, run_inputs
-from lib.modes import MODES
+from lib.engine.modes import MODES
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 SMALL = dict(width=256, height=256, seed=3, output_format="png")
@@ -169,7 +169,7 @@ def test_warm_up_runs_on_the_serving_thread_and_never_judges_its_own_images(monk
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    from lib.safety import SafetyChecker
+    from lib.engine.safety import SafetyChecker
 
     real_flagged = SafetyChecker.flagged
 

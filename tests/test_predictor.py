@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.images import read_settings
-from lib.modes import MODES
+from lib.engine.images import read_settings
+from lib.engine.modes import MODES
 
 PIL_FORMAT = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 

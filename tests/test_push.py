@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cog_server import ROOT
+from lib.testkit.cog_server import ROOT
 
 from scripts import push  # noqa: E402
 

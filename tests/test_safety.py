@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.batcher import Batcher
+from lib.engine.batcher import Batcher
 from lib.local import outputs, run_inputs
-from lib.safety import AllImagesFlagged
+from lib.engine.safety import AllImagesFlagged
 
 BASE = dict(prompt="a lighthouse at dusk", mode="sd-turbo", width=256, height=256, output_format="png")
 
@@ -149,10 +149,10 @@ def test_in_a_batch_each_request_gets_its_own_outcome_from_one_checker_call(pred
 
 
 def test_safety_checker_off_switch_and_what_it_fetches(monkeypatch, tiny_weights):
-    from lib.loading import WeightsMissingError
-    from lib.modes import MODES, SAFETY_CHECKER, SD15, all_repos
-    from lib.safety import SafetyChecker, load_from_env
-    from lib.weights import DEFAULT_MANIFEST, Lock, load_manifest, plan
+    from lib.engine.loading import WeightsMissingError
+    from lib.engine.modes import MODES, SAFETY_CHECKER, SD15, all_repos
+    from lib.engine.safety import SafetyChecker, load_from_env
+    from lib.weights.cache import DEFAULT_MANIFEST, Lock, load_manifest, plan
 
     monkeypatch.setenv("SAFETY_CHECKER", "0")
     assert load_from_env(tiny_weights, torch.device("cpu"), torch.float32) is None

@@ -1,6 +1,6 @@
 """The project behind the real Cog server (cog 0.23.1's `python -m cog.server.http`, as on Replicate and under
 `cog predict`): sync and async predictions, webhooks that stream each image, cancel, invalid inputs and faults.
-The server's setup() is a real cold start (tiny weights downloaded from nginx on loopback): tests/cog_server.py."""
+The server's setup() is a real cold start (tiny weights downloaded from nginx on loopback): lib/testkit/cog_server.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import uuid
 import pytest
 from PIL import Image
 
-from lib.images import EXIF_IMAGE_DESCRIPTION
-from lib.modes import MODES
-from tests.cog_server import (WEBHOOK_TOKEN, CogServer, WebhookSink, decode_output, input_error, shared_server,
+from lib.engine.images import EXIF_IMAGE_DESCRIPTION
+from lib.engine.modes import MODES
+from lib.testkit.cog_server import (WEBHOOK_TOKEN, CogServer, WebhookSink, decode_output, input_error, shared_server,
                                style_lora_url)
 from tests.test_invalid_inputs import GENERAL_CASES, files, mode_limit_cases  # noqa: F401  (files: a fixture)
 
@@ -230,10 +230,10 @@ def test_failures_leave_no_state_behind(server, sink, files):  # noqa: F811
 @pytest.fixture(scope="module")
 def faulty_server(server, tmp_path_factory):
     """A second server whose Predictor is the project's plus a hook that raises inside the UNet on request
-    (tests/cog_server.py: faulty_predictor_class); it loads the weights the shared server fetched."""
+    (lib/testkit/cog_server.py: faulty_predictor_class); it loads the weights the shared server fetched."""
     s = CogServer(tmp_path_factory.mktemp("faulty-server"), {
         "WEIGHTS_DIR": str(server.weights_dir), "WEIGHTS_OFFLINE": "1", "ENABLED_MODES": "lcm,lcm-lora-sd15",
-        "LORA_ALLOW_HTTP": "1"}, stub="tests/cog_server.py:FaultyPredictor")
+        "LORA_ALLOW_HTTP": "1"}, stub="lib/testkit/cog_server.py:FaultyPredictor")
     s.lora_url = style_lora_url(server)
     s.start()
     yield s

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.cog_server import CogServer, decode_output, input_error, shared_server
+from lib.testkit.cog_server import CogServer, decode_output, input_error, shared_server
 
 CONCURRENCY = 4
 BASE = dict(mode="sd-turbo", width=256, height=256, output_format="png", disable_safety_checker=True)

@@ -9,10 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import images, random_models, speed
-from lib.engine import Engine, InputError
-from lib.loading import load_modes
-from lib.modes import MODES as MODES_TABLE
+from lib.engine import images
+
+from lib.testkit import random_models
+
+from lib.engine import speed
+from lib.engine.engine import Engine, InputError
+from lib.engine.loading import load_modes
+from lib.engine.modes import MODES as MODES_TABLE
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 MODES = ("sd-turbo", "sdxl-turbo")  # SD 2 (linear projections), SDXL (two text encoders, an upcast VAE)
@@ -82,9 +86,9 @@ def test_switch_gives_the_plain_path_images(tiny_weights, plain, tmp_path, name)
 def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
     """fast_decode: same latents, the mode's TAESD / TAESDXL decodes them (other pixels), recorded in the file;
     requests with and without it never share a batch."""
-    from lib.engine import batch_key
-    from lib.images import read_settings
-    from lib.modes import TAESD, TAESDXL
+    from lib.engine.engine import batch_key
+    from lib.engine.images import read_settings
+    from lib.engine.modes import TAESD, TAESDXL
 
     engine = Engine(load_modes(tiny_weights, MODES, CPU, FP32), CPU, FP32)
     assert engine.modes["sd-turbo"].tiny_vae is not engine.modes["sdxl-turbo"].tiny_vae
@@ -121,7 +125,7 @@ def test_attention_runs_sdpa_by_default_and_fused_when_asked(tiny_weights):
 def test_fused_projections_hold_each_weight_once(tiny_weights):
     """diffusers' fuse keeps the separate projections beside the fused one; the fast path drops them, so the
     fused models hold exactly the plain models' bytes (and give their images: test_switch_gives_...)."""
-    from lib.memory import module_bytes
+    from lib.engine.memory import module_bytes
 
     plain, fused = engine_with(tiny_weights, {"SPEED": "0"}), engine_with(tiny_weights, {"SPEED_FUSE_QKV": "1"})
     for mode in MODES:
@@ -159,7 +163,7 @@ def test_vae_dtypes_follow_the_vaes_own_config_and_the_gpus_compute_capability(t
     """Only SDXL's VAE (its config says force_upcast: true) is upcast: to bfloat16 from compute capability 8.0,
     to float32 below (T4, V100: bf16 there is emulated); SD 1.5 / SD Turbo's VAEs (no such key, whatever
     AutoencoderKL's default says) run in the model dtype."""
-    from lib import precision
+    from lib.engine import precision
 
     engine = Engine(load_modes(tiny_weights, ("sdxl-turbo", "sd-turbo"), CPU, FP32), CPU, FP32)
     sdxl, sd = (engine.modes[m].txt2img.vae.config for m in ("sdxl-turbo", "sd-turbo"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, TINY_VAE, all_repos
-from scripts.make_tiny_weights import CONFIGS, LORA_ALPHA, LORA_RANK, write_tiny_weights
+from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, TINY_VAE, all_repos
+from lib.testkit.tiny import CONFIGS, LORA_ALPHA, LORA_RANK, write_tiny_weights
 
 REPOS = all_repos(MODES, safety_checker=True)  # the SD 1.5 repo with the safety checker's folders too
 WEIGHTS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
@@ -81,7 +81,7 @@ def test_layout_and_verbatim_configs(tiny_weights):
         for f in verbatim:
             assert (tiny_weights / repo.repo_id / f).read_bytes() == (CONFIGS / repo.repo_id / f).read_bytes(), f
     assert on_disk == expected  # nothing missing, nothing extra
-    from lib.modes import repo_files  # and the engine's own list of what it reads agrees
+    from lib.engine.modes import repo_files  # and the engine's own list of what it reads agrees
 
     assert {f"{r.repo_id}/{f}" for r in REPOS for f in repo_files(r)} <= on_disk
     assert "SimianLuo/LCM_Dreamshaper_v7/unet/diffusion_pytorch_model.safetensors" in on_disk  # variant None

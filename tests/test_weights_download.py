@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from lib import weights
-from lib.download import Settings, WeightsError
-from lib.modes import MODES, all_repos
-from lib.modes import repo_files
-from lib.weights import Cache, ensure_weights, verify_weights
-from tests.http_fixtures import FaultProxy, Nginx
+from lib.weights import cache as weights
+from lib.weights.download import Settings, WeightsError
+from lib.engine.modes import MODES, all_repos
+from lib.engine.modes import repo_files
+from lib.weights.cache import Cache, ensure_weights, verify_weights
+from lib.testkit.servers import FaultProxy, Nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -319,7 +319,7 @@ def test_offline_only_checks_presence(env, monkeypatch):
 
 # -- several processes -------------------------------------------------------------------------------------
 def _spawn(env, *extra_env) -> subprocess.Popen:
-    code = ("import sys; from lib.weights import ensure_weights; "
+    code = ("import sys; from lib.weights.cache import ensure_weights; "
             "ensure_weights(['sd-turbo'], sys.argv[1], manifest_path=sys.argv[2], base_url=sys.argv[3])")
     return subprocess.Popen([sys.executable, "-c", code, str(env.dir), str(env.manifest), env.proxy.url], cwd=ROOT,
                             env={**os.environ, **SUB_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -448,7 +448,7 @@ def test_every_pinned_small_file_hash_is_the_shipped_files():
 # -- the tiny models as a mirror: what setup() does on a fresh machine ----------------------------------------
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory):
-    from scripts.make_tiny_weights import write_tiny_mirror
+    from lib.testkit.tiny import write_tiny_mirror
 
     root = tmp_path_factory.mktemp("tiny-mirror")
     write_tiny_mirror(root)
@@ -482,7 +482,7 @@ def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_
 
 def test_one_weights_dir_default_for_setup_the_operator_script_and_the_lora_cache(tmp_path, monkeypatch):
     """Unset WEIGHTS_DIR means the project's weights/ folder, whatever the working directory."""
-    from lib import lora
+    from lib.loras import lora
 
     monkeypatch.delenv("WEIGHTS_DIR", raising=False)
     monkeypatch.delenv("LORA_CACHE_DIR", raising=False)

@@ -49,7 +49,7 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 def decode_bytes(vae, width: int, height: int) -> int:
     """About how much memory decoding one image of this size takes (lib/memory.py's estimate)."""
-    from .memory import VAE_LIVE_TENSORS
+    from lib.engine.memory import VAE_LIVE_TENSORS
 
     channels = vae.config.block_out_channels[0] if hasattr(vae.config, "block_out_channels") else \
         vae.config.decoder_block_out_channels[0]

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .env import FALSE, TRUE, env_flag
-from .precision import Precision, choose as choose_precision, needs_upcast
+from lib.env import FALSE, TRUE, env_flag
+from lib.engine.precision import Precision, choose as choose_precision, needs_upcast
 
 log = logging.getLogger(__name__)
 

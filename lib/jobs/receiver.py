@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .ledger import TERMINAL, Ledger
-from .webhooks import AuthError, Authenticator
+from lib.jobs.ledger import TERMINAL, Ledger
+from lib.jobs.webhooks import AuthError, Authenticator
 
 MAX_BODY = 512 * 2**20  # 8 lossless 2048x2048 images as data URIs fit easily
 EXTENSIONS = {"image/webp": "webp", "image/jpeg": "jpg", "image/png": "png"}

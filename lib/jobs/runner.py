@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .ledger import RESUBMITTABLE, TERMINAL, Ledger
+from lib.jobs.ledger import RESUBMITTABLE, TERMINAL, Ledger
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 EVENTS = ["start", "output", "logs", "completed"]

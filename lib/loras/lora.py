@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
-from .env import env_flag
-from .inputs import InputError
-from .weights import weights_dir_from_env
+from lib.env import env_flag
+from lib.engine.inputs import InputError
+from lib.weights.cache import weights_dir_from_env
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +634,7 @@ def _unfuse_attention(unet):
     """Fused QKV projections (lib/speed.py) run to_qkv and would bypass adapters on to_q/to_k/to_v: while the
     adapter is on, the separate projections are back (views of the fused weights: no copy) and the plain
     processors run. Returns what to restore (None: nothing changed)."""
-    from .speed import restore_projections
+    from lib.engine.speed import restore_projections
 
     processors = unet.attn_processors
     if not any("Fused" in type(p).__name__ for p in processors.values()):
@@ -651,7 +651,7 @@ def _unfuse_attention(unet):
 
 
 def _remove(pipe, restore) -> None:
-    from .speed import drop_projections
+    from lib.engine.speed import drop_projections
 
     pipe.unload_lora_weights()  # swaps the original layers back in: exact, and the fused LCM weights stay
     if restore is not None:

@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .env import env_flag
-from .download import (SHA256_RE, Downloader, Job, Mismatch, PinMismatch, Probe, Settings, WeightsError,
+from lib import ROOT
+from lib.env import env_flag
+from lib.weights.download import (SHA256_RE, Downloader, Job, Mismatch, PinMismatch, Probe, Settings, WeightsError,
                        git_blob_sha1, human, write_json)
-from .modes import MODES, all_repos, repo_files
+from lib.engine.modes import MODES, all_repos, repo_files
 
 __all__ = ["WeightsError", "PinMismatch", "ensure_weights", "verify_weights", "pin", "repo_files", "load_manifest",
            "Settings", "weights_dir_from_env"]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS_DIR = ROOT / "weights"
 DEFAULT_MANIFEST = DEFAULT_WEIGHTS_DIR / "manifest.json"
 HUB_URL = "https://huggingface.co"

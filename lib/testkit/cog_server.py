@@ -25,13 +25,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from lib import ROOT
+
 WEBHOOK_TOKEN = "test-webhook-token"  # the shared server sends it as Bearer on every webhook
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
 def free_port() -> int:
-    from tests.http_fixtures import free_port as port
+    from lib.testkit.servers import free_port as port
 
     return port()
 
@@ -247,8 +248,8 @@ def shared_server(tmp_path_factory, config) -> CogServer:
     fetches every mode's weights from it into an empty WEIGHTS_DIR, then loads them. Stopped at session end."""
     if "server" in _shared:
         return _shared["server"]
-    from scripts.make_tiny_weights import write_tiny_mirror
-    from tests.http_fixtures import Nginx
+    from lib.testkit.tiny import write_tiny_mirror
+    from lib.testkit.servers import Nginx
 
     base = tmp_path_factory.mktemp("cog-server")
     mirror = base / "mirror"
@@ -307,7 +308,7 @@ def style_lora_url(server: CogServer) -> str | None:
 
 
 def __getattr__(name: str):
-    """`tests/cog_server.py:FaultyPredictor` for a server: built on first access, inside the server's worker."""
+    """`lib/testkit/cog_server.py:FaultyPredictor` for a server: built on first access, inside the server's worker."""
     if name == "FaultyPredictor":
         return faulty_predictor_class()
     raise AttributeError(name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .env import env_flag
+from lib.env import env_flag
 
 # Pipeline families: which diffusers pipeline classes run a mode.
 SD = "sd"

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import Batch, Cancelled, Engine, Job, Output, batch_key
+from lib.engine.engine import Batch, Cancelled, Engine, Job, Output, batch_key
 
 _DONE = object()
 MODE_SWITCH_WAIT = 1.0  # seconds an older request of a mode in host memory waits for requests of resident modes

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .modes import MODES, Mode
-from .precision import needs_upcast
+from lib import CONFIGS
+from lib.engine.modes import MODES, Mode
+from lib.engine.precision import needs_upcast
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
 PROVENANCE_KEYS = ("_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version")
 
 def real_config(repo_id: str, path: str) -> dict:
@@ -177,7 +177,7 @@ def build_components(mode: Mode, *, device, dtype, shared: dict | None = None) -
 
 def build_modes(mode_names, *, device, dtype) -> dict:
     """{name: LoadedMode} assembled as loading.load_modes assembles them, from full-size random weights."""
-    from .loading import assemble
+    from lib.engine.loading import assemble
 
     shared: dict = {}
     modes = {}
@@ -203,8 +203,8 @@ def build_safety_checker(*, device, dtype):
     import transformers
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from .modes import SAFETY_CHECKER
-    from .safety import SafetyChecker
+    from lib.engine.modes import SAFETY_CHECKER
+    from lib.engine.safety import SafetyChecker
 
     config = real_config(SAFETY_CHECKER.repo_id, "safety_checker/config.json")
     clip = transformers.CLIPConfig.from_dict({k: v for k, v in config.items() if k not in PROVENANCE_KEYS})

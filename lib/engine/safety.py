@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .loading import WeightsMissingError, repo_dir
-from .modes import SAFETY_CHECKER, repo_files, safety_checker_enabled, weight_file
+from lib.engine.loading import WeightsMissingError, repo_dir
+from lib.engine.modes import SAFETY_CHECKER, repo_files, safety_checker_enabled, weight_file
 
 log = logging.getLogger(__name__)
 

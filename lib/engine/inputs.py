@@ -10,7 +10,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from .modes import DEFAULT_MODE, MODES, Mode
+from lib.engine.modes import DEFAULT_MODE, MODES, Mode
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 SIZE_RANGE = (256, 2048)

@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.download import git_blob_sha1
+from lib.weights.download import git_blob_sha1
 
 CDN_HOST = "127.0.0.2"
 SECRET = b"stand-in signing key"

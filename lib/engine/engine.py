@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import images, memory, precision, speed, vae
-from .env import env_flag
-from .inputs import InputError, Request, resolve_request
-from .loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
-from .lora import LoraFile, fetch as fetch_lora, style_lora
-from .memory import Residency
-from .modes import MODES, SAFETY_CHECKER, safety_checker_enabled
-from .safety import AllImagesFlagged, SafetyChecker, check_present as check_safety_weights
-from .safety import load_from_env as load_safety_checker, weights_path as safety_file
-from .timeline import Timeline
-from .weights import ensure_weights, weights_dir_from_env
+from lib.engine import decoding, images, memory, precision, speed
+from lib.env import env_flag
+from lib.engine.inputs import InputError, Request, resolve_request
+from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
+from lib.loras.lora import LoraFile, fetch as fetch_lora, style_lora
+from lib.engine.memory import Residency
+from lib.engine.modes import MODES, SAFETY_CHECKER, safety_checker_enabled
+from lib.engine.safety import AllImagesFlagged, SafetyChecker, check_present as check_safety_weights
+from lib.engine.safety import load_from_env as load_safety_checker, weights_path as safety_file
+from lib.engine.timeline import Timeline
+from lib.weights.cache import ensure_weights, weights_dir_from_env
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class Batch:
         size = self._chunk_size(decoder, n)
         for start in range(0, n, size):
             began = self.timeline.mark()
-            pixels = vae.to_host(vae.decode(decoder, latents[start: start + size]))
+            pixels = decoding.to_host(decoding.decode(decoder, latents[start: start + size]))
             yield Chunk(start, min(n, start + size), pixels, began, self.timeline.mark())
 
     def _log_requests(self) -> None:
@@ -293,7 +293,7 @@ class Batch:
         kwargs: dict = {"height": first.height, "width": first.width}
         if first.image_path:
             start = self.timeline.mark()
-            latents = [vae.encode(pipe.vae, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
+            latents = [decoding.encode(pipe.vae, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
                        for j in jobs]
             kwargs = {"image": torch.cat(latents), "strength": first.strength}
             self.marks["vae_encode"] = (start, self.timeline.mark())
@@ -370,7 +370,7 @@ class Batch:
             return 1
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
             - torch.cuda.memory_allocated(device)
-        return max(1, min(n, int(free * 0.8) // vae.decode_bytes(decoder, self.first.width, self.first.height)))
+        return max(1, min(n, int(free * 0.8) // decoding.decode_bytes(decoder, self.first.width, self.first.height)))
 
     # -- stage 2: host work, on any thread -------------------------------------------------------------------------
     def finish(self, chunk: Chunk) -> Iterator[tuple[Job, Output]]:
@@ -380,7 +380,7 @@ class Batch:
         seconds = self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels are on the host
         for k in range(chunk.start, chunk.stop):
             self.decode_seconds[k] = seconds / (chunk.stop - chunk.start)
-        self.pictures.update(zip(range(chunk.start, chunk.stop), vae.to_images(chunk.pixels)))
+        self.pictures.update(zip(range(chunk.start, chunk.stop), decoding.to_images(chunk.pixels)))
         if self._checked() and chunk.stop < len(self.images):
             return
         pictures, self.pictures = self.pictures, {}

@@ -1,0 +1,1 @@
+"""Style LoRAs: fetched safely, checked, cached, applied for one batch."""

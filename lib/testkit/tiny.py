@@ -1,0 +1,333 @@
+"""Write tiny random models for every mode, in exactly the layout of the real Hugging Face repos.
+
+  python scripts/make_tiny_weights.py DIR     # DIR/<repo_id>/<path_in_repo>, as setup() reads WEIGHTS_DIR
+  python scripts/make_tiny_weights.py --mirror DIR   # a download mirror: DIR/<repo_id>/resolve/main/<path>
+                                                     # + DIR/manifest.json (serve DIR, see docs/weights.md)
+  python scripts/make_tiny_weights.py --full --device cuda DIR   # full size (the real configs), random weights:
+                                                     # what scripts/gpu_check.sh loads on a machine with no Hub
+
+Each model is the real config (lib/configs/) with only its size fields shrunk, so class names, scheduler
+configs, tokenizer configs, structural flags (linear projections, LCM's guidance embedding, SDXL's
+micro-conditioning), special-token ids and weight file names (fp16 variants; the kohya-layout LCM-LoRA with
+`.alpha`) are the real ones. Deterministic: the same bytes on every run. The images these models draw are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from lib import CONFIGS
+from lib.engine.modes import (LORA_WEIGHT_NAME, MODES, SAFETY_CHECKER, SDXL_BASE, SDXL_TURBO, TINY_VAE,  # noqa: E402
+                       Repo, all_repos)
+
+
+# Tiny sizes. The SDXL encoders get different widths, so mixing them up fails with a shape error.
+TEXT_ENCODER_SIZES = {
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
+    "text_encoder_2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                           projection_dim=64),
+}
+UNET_SIZES = dict(block_out_channels=[32, 64], layers_per_block=1)
+ADDITION_TIME_EMBED_DIM = 8  # SDXL: 6 micro-conditioning numbers, each embedded at this width
+TIME_COND_PROJ_DIM = 32  # LCM: the guidance-scale embedding width
+# Four blocks keep the real 8x spatial factor; few channels keep a 256px decode fast on a CPU.
+VAE_SIZES = dict(block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=8)
+LORA_RANK, LORA_ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores `.alpha` gives other weights
+# The LCM-LoRA target modules (the diffusers LCM-LoRA training scripts' list).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+# SDXL-Turbo ships SDXL-base's text encoders unchanged (same sha256): seed them alike so the files match too.
+SEED_OWNER = {(SDXL_TURBO.repo_id, te): SDXL_BASE.repo_id for te in ("text_encoder", "text_encoder_2")}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Tiny (shrunk configs, initialised on the CPU: the tests' models) or full (the real configs, random values
+    filled fast on `device` by lib/random_models.py: speed and memory are the real models')."""
+
+    full: bool = False
+    device: str = "cpu"
+
+
+TINY = Scale()
+LORA_FULL_RANK, LORA_FULL_ALPHA = 64, 8.0  # the LCM-LoRAs are rank 64
+
+
+def real_config(repo_id: str, path: str) -> dict:
+    return json.loads((CONFIGS / repo_id / path).read_text())
+
+
+def seed(repo_id: str, component: str) -> int:
+    return zlib.crc32(f"{SEED_OWNER.get((repo_id, component), repo_id)}/{component}".encode())
+
+
+def text_encoder_config(repo_id: str, component: str, scale: Scale = TINY) -> dict:
+    config = real_config(repo_id, f"{component}/config.json")
+    return config if scale.full else {**config, **TEXT_ENCODER_SIZES[component]}
+
+
+def unet_config(repo: Repo, scale: Scale = TINY) -> dict:
+    config = real_config(repo.repo_id, "unet/config.json")
+    if scale.full:
+        return config
+    encoders = [text_encoder_config(repo.repo_id, c) for c in repo.components if c.startswith("text_encoder")]
+    config.update(
+        UNET_SIZES,
+        # Two blocks, the real first and last: SD keeps cross-attention down / plain up first, SDXL the reverse.
+        down_block_types=[config["down_block_types"][0], config["down_block_types"][-1]],
+        up_block_types=[config["up_block_types"][0], config["up_block_types"][-1]],
+        # Legacy name: this is the number of heads (an int, or one per block).
+        attention_head_dim=[2, 4] if isinstance(config["attention_head_dim"], list) else 2,
+        cross_attention_dim=sum(e["hidden_size"] for e in encoders),  # SDXL concatenates both encoders
+    )
+    if isinstance(config.get("transformer_layers_per_block"), list):
+        config["transformer_layers_per_block"] = [1, 2]
+    if config.get("time_cond_proj_dim"):
+        config["time_cond_proj_dim"] = TIME_COND_PROJ_DIM
+    if config.get("addition_embed_type") == "text_time":  # the pooled text_encoder_2 output + 6 numbers
+        config.update(addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+                      projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM
+                      + encoders[-1]["projection_dim"])
+    return config
+
+
+def component_config(repo: Repo, component: str, scale: Scale = TINY) -> dict:
+    if component == "unet":
+        return unet_config(repo, scale)
+    if component == "vae":
+        config = real_config(repo.repo_id, "vae/config.json")
+        return config if scale.full else {**config, **VAE_SIZES}
+    return text_encoder_config(repo.repo_id, component, scale)
+
+
+def build(library: str, class_name: str, config: dict, seed_value: int, scale: Scale = TINY,
+          factory=None) -> torch.nn.Module:
+    """A randomly initialised model; the seed fixes every weight."""
+    if factory is None:
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        factory = (lambda: cls.from_config(config)) if library == "diffusers" else \
+            (lambda: cls(transformers.CLIPTextConfig.from_dict(config)))
+    if not scale.full:
+        torch.manual_seed(seed_value)
+        return factory()
+    from lib.testkit import random_models
+
+    return random_models.materialize(random_models.construct(factory), scale.device, torch.float16, seed_value)
+
+
+def save_model(model: torch.nn.Module, config: dict, folder: Path, library: str, variant: str | None) -> list[Path]:
+    """config.json (the real keys, tiny sizes) + one safetensors file named as in the real repo."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    weights = folder / f"{WEIGHT_NAMES[library]}{f'.{variant}' if variant else ''}.safetensors"
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}, weights,
+              metadata={"format": "pt"})  # what save_pretrained writes
+    return [folder / "config.json", weights]
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """The first 512 entries of the real CLIP vocab (every byte, alone and word-final) plus the special tokens
+    at their real ids (49406, 49407), so the real tokenizer configs apply unchanged and any text encodes
+    with no unknown token."""
+    # GPT-2/CLIP's byte -> printable character table, in its order: "!" is id 0 as in the real vocab.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    return vocab
+
+
+def write_tokenizer(repo_id: str, component: str, repo_dir: Path) -> list[Path]:
+    """The real tokenizer configs + a byte-level vocab.json / merges.txt (the classic CLIP BPE files)."""
+    written = [copy_real(repo_id, f"{component}/{name}", repo_dir)
+               for name in ("tokenizer_config.json", "special_tokens_map.json")]
+    folder = repo_dir / component
+    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")  # no merges: one token per byte
+    return written + [folder / "vocab.json", folder / "merges.txt"]
+
+
+def copy_real(repo_id: str, path: str, repo_dir: Path) -> Path:
+    """A real config file, byte for byte."""
+    (repo_dir / path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(CONFIGS / repo_id / path, repo_dir / path)
+    return repo_dir / path
+
+
+def write_pipeline_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """A diffusers repo: model_index.json, scheduler config, tokenizers and tiny models (no safety checker)."""
+    index = real_config(repo.repo_id, "model_index.json")
+    written = [copy_real(repo.repo_id, "model_index.json", repo_dir)]
+    for component in repo.components:
+        library, class_name = index[component]
+        if component == "scheduler":
+            written.append(copy_real(repo.repo_id, "scheduler/scheduler_config.json", repo_dir))
+        elif component.startswith("tokenizer"):
+            written += write_tokenizer(repo.repo_id, component, repo_dir)
+        elif component in SAFETY_CHECKER.components:
+            written += write_safety_checker(repo, component, repo_dir, scale)
+        else:
+            config = component_config(repo, component, scale)
+            model = build(library, class_name, config, seed(repo.repo_id, component), scale)
+            written += save_model(model, config, repo_dir / component, library, repo.variant)
+            del model
+    return written
+
+
+# The tiny safety checker: CLIP's image tower shrunk (224 px input, the real preprocessor config, unchanged).
+SAFETY_VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           patch_size=32)
+SAFETY_TEXT_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+SAFETY_PROJECTION_DIM = 32
+# Cosine similarities are at most 1, so thresholds of 2 flag nothing: tests that need flagged images lower
+# them on the loaded checker (tests/test_safety.py), and the real checker code decides.
+SAFETY_TINY_THRESHOLD = 2.0
+
+
+def write_safety_checker(repo: Repo, component: str, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """The SD safety checker (StableDiffusionSafetyChecker, fp16 as in the real repo) or its feature extractor
+    (the real preprocessor_config.json, byte for byte)."""
+    if component == "feature_extractor":
+        return [copy_real(repo.repo_id, "feature_extractor/preprocessor_config.json", repo_dir)]
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = real_config(repo.repo_id, "safety_checker/config.json")
+    if not scale.full:
+        for key, sizes in (("vision_config", SAFETY_VISION_SIZES), ("text_config", SAFETY_TEXT_SIZES)):
+            for name in (key, f"{key}_dict"):  # the legacy *_dict copies win where transformers still reads them
+                if isinstance(config.get(name), dict):
+                    config[name].update(sizes)
+        config["projection_dim"] = SAFETY_PROJECTION_DIM
+    clip = transformers.CLIPConfig.from_dict(config)
+    model = build("transformers", "StableDiffusionSafetyChecker", config, seed(repo.repo_id, component), scale,
+                  factory=lambda: StableDiffusionSafetyChecker(clip))
+    with torch.no_grad():
+        if not scale.full:
+            model.concept_embeds.normal_()
+            model.special_care_embeds.normal_()
+        model.concept_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
+        model.special_care_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
+    return save_model(model, config, repo_dir / component, "transformers", repo.variant)
+
+
+def lora_base(repo: Repo) -> Repo:
+    """The repo whose UNet a LoRA repo is fused into, from the mode table."""
+    return next(m.repo for m in MODES.values() if m.lora == repo)
+
+
+def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """The LCM-LoRA for the base UNet, in the kohya layout of the real file (fp16):
+    lora_unet_<module_path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha."""
+    base = lora_base(repo)
+    config = unet_config(base, scale)
+    if scale.full:  # the module tree alone: shapes, no weights
+        from lib.testkit import random_models
+
+        unet = random_models.construct(lambda: diffusers.UNet2DConditionModel.from_config(config))
+    else:
+        unet = build("diffusers", "UNet2DConditionModel", config, seed(base.repo_id, "unet"))
+    rank, alpha = (LORA_FULL_RANK, LORA_FULL_ALPHA) if scale.full else (LORA_RANK, LORA_ALPHA)
+    generator = torch.Generator().manual_seed(seed(repo.repo_id, "lora"))
+    tensors = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or \
+                not any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+        else:  # kohya: the down conv has the layer's kernel, the up conv is 1x1
+            down_shape = (rank, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, rank, 1, 1)
+        key = "lora_unet_" + name.replace(".", "_")
+        # Non-zero up weights (training starts them at zero), so fusing visibly changes the UNet.
+        tensors[f"{key}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) * 0.1).half()
+        tensors[f"{key}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 0.1).half()
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, repo_dir / LORA_WEIGHT_NAME)
+    return [repo_dir / LORA_WEIGHT_NAME]
+
+
+# TAESD / TAESDXL (AutoencoderTiny): the real block layout with few channels and one block per stage.
+TAESD_SIZES = dict(encoder_block_out_channels=[8, 8, 8, 8], decoder_block_out_channels=[8, 8, 8, 8],
+                   num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1])
+
+
+def write_tiny_vae_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """TAESD / TAESDXL: config.json + diffusion_pytorch_model.safetensors at the repo's root (diffusers layout)."""
+    config = real_config(repo.repo_id, "config.json")
+    config = config if scale.full else {**config, **TAESD_SIZES}
+    model = build("diffusers", "AutoencoderTiny", config, seed(repo.repo_id, TINY_VAE), scale)
+    return save_model(model, config, repo_dir, "diffusers", repo.variant)
+
+
+def write_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """One repo's files under repo_dir (= WEIGHTS_DIR/<repo_id>); returns the paths written (repo_dir/...)."""
+    if repo.components == (TINY_VAE,):
+        return write_tiny_vae_repo(repo, repo_dir, scale)
+    return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir, scale)
+
+
+def write_tiny_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """Every mode's repos under out_dir/<repo_id>/; returns the files written, relative to out_dir."""
+    out_dir = Path(out_dir)
+    written = []
+    for repo in all_repos(MODES, safety_checker=True):
+        written += write_repo(repo, out_dir / repo.repo_id, scale)
+    return [p.relative_to(out_dir) for p in written]
+
+
+def write_tiny_mirror(mirror: Path) -> dict:
+    """The tiny repos as a mirror in the Hub's `resolve` layout plus their manifest: serving `mirror` over HTTP
+    and setting WEIGHTS_BASE_URL and WEIGHTS_MANIFEST=mirror/manifest.json lets setup() download them."""
+    from lib.weights.cache import manifest_for_tree, write_manifest
+
+    mirror = Path(mirror)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_weights(Path(tmp))
+        manifest = manifest_for_tree(Path(tmp))
+        for repo_id, spec in manifest["repos"].items():
+            for path in spec["files"]:
+                target = mirror / repo_id / "resolve" / spec["revision"] / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(Path(tmp) / repo_id / path, target)
+    write_manifest(mirror / "manifest.json", manifest)
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", type=Path, nargs="?", help="where to write DIR/<repo_id>/...")
+    parser.add_argument("--mirror", type=Path, metavar="DIR", help="write a download mirror into DIR instead")
+    parser.add_argument("--full", action="store_true", help="full size (the real configs), random weights")
+    parser.add_argument("--device", default="cpu", help="--full: where the random values are made (cuda is fast)")
+    args = parser.parse_args()
+    if (args.dir is None) == (args.mirror is None):
+        parser.error("give DIR, or --mirror DIR")
+    if args.mirror:
+        manifest = write_tiny_mirror(args.mirror)
+        n = sum(len(spec["files"]) for spec in manifest["repos"].values())
+        print(f"wrote a mirror of {n} files and {args.mirror / 'manifest.json'}")
+        return
+    files = write_tiny_weights(args.dir, Scale(args.full, args.device))
+    print(f"wrote {len(files)} files under {args.dir}")
+
+
+if __name__ == "__main__":
+    main()
