@@ -24,7 +24,7 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         self.engine = Engine.from_env()
         self.batcher = Batcher(self.engine)
-        if self.engine.speed_settings.warmup:  # on the thread that will serve the predictions
+        if self.engine.switches.warmup:  # on the thread that will serve the predictions
             self.batcher.warm_up()
 
     async def run(

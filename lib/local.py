@@ -15,12 +15,31 @@ import shutil
 import sys
 import tempfile
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cog.input import FieldInfo
 
-from lib.env import parse_bool
+from lib.settings import parse_bool
 from lib.engine.inputs import InputError
+
+
+class Metrics(dict):
+    """What a prediction records through Cog's record_metric, as a dict: set it as `runner.record_metric`."""
+
+    def __call__(self, key, value, mode="replace"):
+        self[key] = value
+
+
+@contextmanager
+def recording(runner) -> Iterator[Metrics]:
+    """The metrics runner's predictions record inside the block (outside a Cog server)."""
+    metrics = runner.record_metric = Metrics()
+    try:
+        yield metrics
+    finally:
+        del runner.record_metric
 
 
 def _target_type(annotation):
@@ -140,8 +159,7 @@ def main() -> int:
               "with WEIGHTS_OFFLINE=1. To check the whole path offline on tiny random weights:\n"
               "  scripts/predict.sh --tiny -i prompt=\"a test\"", file=sys.stderr)
         return 1
-    metrics = {}
-    predictor.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
+    metrics = predictor.record_metric = Metrics()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     try:

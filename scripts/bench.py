@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lib import ROOT
+from lib.settings import Settings
 
 log = logging.getLogger("bench")
 
@@ -222,7 +223,7 @@ def run_full(args, device: torch.device, dtype: torch.dtype, results: dict, save
             engine = Engine(modes, device, dtype, safety)
             build_s = time.perf_counter() - t0
             # Warm-up in setup is measured here like setup() does it; the bench's own warm-up runs follow.
-            settings = speed.Settings.from_env(device, env)
+            settings = speed.Switches.from_env(device, env)
             speed.optimize(engine, settings)
             if settings.warmup:  # in this thread: the one that runs the measured predictions
                 engine.warm_up()
@@ -318,29 +319,23 @@ def run_tiny(args) -> dict:
     """predict() end to end on tiny weights vs the same pipeline called bare (same components, same process).
     Two baselines: the call alone (PIL image out, no file) and the call plus saving the file with Pillow's
     defaults (what a script would do)."""
-    from lib.local import outputs, run_inputs
+    from lib.local import Metrics, outputs, run_inputs
 
     weights = Path(args.weights) if args.weights else Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     if not args.weights:
         from lib.testkit.tiny import write_tiny_weights
 
         write_tiny_weights(weights)
-    saved = {k: os.environ.get(k) for k in ("WEIGHTS_DIR", "WEIGHTS_OFFLINE", "ENABLED_MODES", "SAFETY_CHECKER")}
+    from lib.testkit.environment import environment
+
     # The bare pipeline runs no safety checker: neither does predict() here, so both do the same work.
-    os.environ.update(WEIGHTS_DIR=str(weights), WEIGHTS_OFFLINE="1", ENABLED_MODES=",".join(args.modes),
-                      SAFETY_CHECKER="0")
-    try:
+    with environment(WEIGHTS_DIR=str(weights), WEIGHTS_OFFLINE="1", ENABLED_MODES=",".join(args.modes),
+                     SAFETY_CHECKER="0"):
         from predict import Predictor
 
         predictor = Predictor()
         predictor.setup()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    predictor.record_metric = lambda *a, **k: None
+    predictor.record_metric = Metrics()
     loop = asyncio.new_event_loop()  # one loop for every call, as in the Cog server
     results = {}
     for mode in args.modes:
@@ -618,7 +613,7 @@ def main(argv=None) -> dict:
     from lib.engine.precision import choose as choose_precision
 
     device = choose_device()
-    dtype = choose_precision(device, requested=os.environ.get("MODEL_DTYPE") or None).model
+    dtype = choose_precision(device, requested=Settings().model_dtype).model
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
     cpu = device.type == "cpu"

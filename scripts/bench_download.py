@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 
-from lib.weights.download import Downloader, Job, Settings, human
+from lib.settings import Settings
+from lib.weights.download import Downloader, Transfer, Tuning, human
 from lib.testkit.servers import Nginx
 
 
@@ -49,7 +50,7 @@ def timed(fn) -> float:
 
 
 def bench_transfer(size: int, reps: int, connections: list[int], chunk: int, out_dir: str | None) -> list[tuple[str, float]]:
-    work = Path(tempfile.mkdtemp(prefix="bench-download-", dir=os.environ.get("BENCH_TMP")))
+    work = Path(tempfile.mkdtemp(prefix="bench-download-", dir=Settings().bench_tmp))
     try:
         sha = make_file(work / "www/bench/big/resolve/main/blob.safetensors", size)
         dest = Path(tempfile.mkdtemp(prefix="bench-out-", dir=out_dir)) if out_dir else work
@@ -59,8 +60,8 @@ def bench_transfer(size: int, reps: int, connections: list[int], chunk: int, out
             subprocess.run(["curl", "-sf", "-o", "/dev/null", url], check=True)  # warm nginx and the page cache
 
             def ours(n: int):
-                d = Downloader(Settings(connections=n, chunk_size=chunk), log=lambda line: None)
-                job = Job("bench", url, out, dest / "partial/blob.part", size, sha)
+                d = Downloader(Tuning(connections=n, chunk_size=chunk), log=lambda line: None)
+                job = Transfer("bench", url, out, dest / "partial/blob.part", size, sha)
                 d.fetch_all([job], lambda job, got: None)
                 d.close()
 
@@ -131,8 +132,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--connections", type=int, nargs="+", default=list(dict.fromkeys([Settings.connections, 8])))
-    p.add_argument("--chunk-mib", type=int, default=Settings.chunk_size >> 20)
+    p.add_argument("--connections", type=int, nargs="+", default=list(dict.fromkeys([Tuning().connections, 8])))
+    p.add_argument("--chunk-mib", type=int, default=Tuning.chunk_size >> 20)
     p.add_argument("--out-dir", help="where downloads are written (default: beside the served file); "
                    "/dev/shm takes the disk out of the measure")
     p.add_argument("--skip-warm", action="store_true")

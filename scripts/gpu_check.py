@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+from lib.local import Metrics
+from lib.settings import Settings
+
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 35mm"
 BUDGET = "24GB"  # the consumer cards: RTX 4090, A10G, L4
 # The goals (fp16, batch 1 unless said, end to end inside predict()); images_per_s: 3 concurrent requests of 4.
@@ -152,11 +155,10 @@ class Check:
         p.setup_s = round(time.perf_counter() - started, 1)
         return p
 
-    def predict(self, p, metrics: dict | None = None, **inputs) -> list:
+    def predict(self, p, metrics=None, **inputs) -> list:
         from lib.local import outputs, run_inputs
 
-        p.record_metric = (lambda k, v, mode="replace": metrics.__setitem__(k, v)) if metrics is not None \
-            else (lambda *a, **k: None)
+        p.record_metric = metrics if metrics is not None else Metrics()
         kwargs = run_inputs(p, **inputs)
 
         async def gather():
@@ -177,7 +179,7 @@ class Check:
             from lib.engine.modes import MODES
 
             mode = MODES[mode_name]
-            metrics: dict = {}
+            metrics = Metrics()
             t0 = time.perf_counter()
             files = self.predict(p, metrics, prompt=PROMPT, mode=mode_name, width=self.size(mode.default_size),
                                  height=self.size(mode.default_size), seed=1)
@@ -221,7 +223,7 @@ class Check:
         for i in range(warm + iters):
             if i >= warm + 3 and time.perf_counter() - started > budget_s:
                 break
-            metrics: dict = {}
+            metrics = Metrics()
             t0 = time.perf_counter()
             if images == 1:
                 files = self.predict(p, metrics, seed=i, **inputs)
@@ -229,7 +231,7 @@ class Check:
                 async def burst(i=i):
                     from lib.local import outputs, run_inputs
 
-                    p.record_metric = lambda *a, **k: None
+                    p.record_metric = Metrics()
                     calls = [run_inputs(p, seed=100 * i + r, num_outputs=images // 3, **inputs) for r in range(3)]
                     lists = await asyncio.gather(*[_collect(outputs(p, **kw)) for kw in calls])
                     return [f for files in lists for f in files]
@@ -267,7 +269,7 @@ def _p95(values: list[float]) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the CPU, tiny models at 256px, one run per case")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="folder of gpu_check.json")
+    parser.add_argument("--out", default=str(Settings().out), help="folder of gpu_check.json")
     parser.add_argument("--minutes", type=float, default=8.0, help="stop starting steps after this long")
     parser.add_argument("--weights", help="an existing weights folder (default: written to a temp folder)")
     args = parser.parse_args(argv)

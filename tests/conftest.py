@@ -1,11 +1,11 @@
 """Shared fixtures: tiny random weights in the real Hub layout, and a Predictor set up on them."""
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from lib.testkit.environment import environment
 
 
 # Same thread count everywhere: a different one can change the last bits of CPU results.
@@ -26,37 +26,21 @@ def predictor(tiny_weights):
     """The project's Predictor after setup() on the tiny weights, every mode enabled."""
     from predict import Predictor
 
-    saved = {k: os.environ.get(k) for k in ("WEIGHTS_DIR", "ENABLED_MODES", "WEIGHTS_OFFLINE")}
-    os.environ["WEIGHTS_DIR"] = str(tiny_weights)
-    os.environ["WEIGHTS_OFFLINE"] = "1"  # the tiny files are not the manifest's
-    os.environ.pop("ENABLED_MODES", None)
-    p = Predictor()
-    p.setup()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    # the tiny files are not the manifest's: WEIGHTS_OFFLINE
+    with environment(WEIGHTS_DIR=str(tiny_weights), WEIGHTS_OFFLINE="1", ENABLED_MODES=None):
+        p = Predictor()
+        p.setup()
     return p
-
-
-class Metrics(dict):
-    def __call__(self, key, value, mode="replace"):
-        self[key] = value
 
 
 @pytest.fixture
 def run(predictor):
     """run(**inputs) -> (list of output paths, metrics dict), through Predictor.run like Cog calls it."""
-    from lib.local import collect, run_inputs
+    from lib.local import collect, recording, run_inputs
 
     def _run(**inputs):
-        metrics = Metrics()
-        predictor.record_metric = metrics
-        try:
+        with recording(predictor) as metrics:
             paths = collect(predictor, **run_inputs(predictor, **inputs))
-        finally:
-            del predictor.record_metric
         return paths, metrics
 
     return _run

@@ -8,12 +8,7 @@ from PIL import Image
 
 from lib.engine.batcher import Batcher
 from lib.engine.inputs import InputError
-from lib.local import outputs, run_inputs
-
-
-class Metrics(dict):
-    def __call__(self, key, value, mode="replace"):
-        self[key] = value
+from lib.local import Metrics, outputs, run_inputs
 
 
 @pytest.fixture

@@ -12,19 +12,15 @@ import pytest
 
 from lib.engine.images import read_settings
 from lib.engine.inputs import InputError
-from lib.local import collect, run_inputs
+from lib.local import collect, recording, run_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"prompt": "a red fox", "mode": "sd-turbo", "width": "256", "height": "256", "seed": "5"}
 
 
 def run_raw(predictor, **raw):
-    metrics = {}
-    predictor.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
-    try:
+    with recording(predictor) as metrics:
         return collect(predictor, **run_inputs(predictor, {**BASE, **raw})), metrics
-    finally:
-        del predictor.record_metric
 
 
 @pytest.mark.parametrize("text, on", [("false", False), ("FALSE", False), ("0", False), ("no", False),

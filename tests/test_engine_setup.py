@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from lib.engine.engine import Engine, enabled_modes_from_env
+from lib.engine.engine import Engine
+from lib.settings import Settings
 from lib.engine.inputs import InputError
 from lib.engine.loading import WeightsMissingError, load_modes
 
@@ -68,7 +69,7 @@ def test_only_enabled_modes_load_and_others_are_refused(tiny_weights):
 
 def test_enabled_modes_env(monkeypatch):
     monkeypatch.setenv("ENABLED_MODES", "sd-turbo, lcm")
-    assert enabled_modes_from_env() == ("sd-turbo", "lcm")
+    assert Settings().enabled_modes == ("sd-turbo", "lcm")
     monkeypatch.setenv("ENABLED_MODES", "sd-turbo,dalle")
     with pytest.raises(ValueError, match="ENABLED_MODES: dalle"):
-        enabled_modes_from_env()
+        Settings().enabled_modes

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from lib.weights.download import PinMismatch, Settings, WeightsError
+from lib.weights.download import PinMismatch, Tuning, WeightsError
 from lib.engine.modes import all_repos, repo_files
 from lib.weights.cache import ensure_weights, manifest_for_tree, write_manifest
 from lib.testkit.hub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-FAST = Settings(connections=4, files=4, chunk_size=1 * MiB, timeout=2.0, retries=2, backoff=0.05,
+FAST = Tuning(connections=4, files=4, chunk_size=1 * MiB, timeout=2.0, retries=2, backoff=0.05,
                 progress_seconds=30)
 MODE = "sd-turbo"
 REPOS = [r.repo_id for r in all_repos([MODE], safety_checker=True)]  # sd-turbo, its TAESD, the safety checker's
@@ -58,7 +58,7 @@ class Setup:
         write_manifest(self.manifest, data)
 
     def ensure(self, **kw):
-        kw = {"manifest_path": self.manifest, "base_url": self.hub.url, "log": self.lines.append, "settings": FAST,
+        kw = {"manifest_path": self.manifest, "base_url": self.hub.url, "log": self.lines.append, "tuning": FAST,
               "safety_checker": True, "token": TOKEN, **kw}
         return ensure_weights([MODE], self.dir, **kw)
 
@@ -157,7 +157,7 @@ def test_files_trusted_on_first_download_must_match_what_the_hub_says_of_them(hu
 def test_expired_signed_urls_are_renewed_at_the_origin(tmp_path, tiny_weights):
     s = Setup(tmp_path, tiny_weights, url_ttl=0.25, cdn_rate=4 * MiB)
     try:
-        s.ensure(settings=Settings(connections=2, files=1, chunk_size=256 << 10, timeout=5, retries=2,
+        s.ensure(tuning=Tuning(connections=2, files=1, chunk_size=256 << 10, timeout=5, retries=2,
                                    backoff=0.05, progress_seconds=30))
         expired = [x for x in s.hub.seen("cdn") if x.status == 403]
         assert expired, "no signed URL outlived its expiry: the test proves nothing"
@@ -252,7 +252,7 @@ def test_an_unreachable_hub_fails_setup_within_a_minute_with_one_message(tmp_pat
     assert r.returncode == 1 and elapsed < 60, (elapsed, r.stderr[-2000:])
     out = r.stdout + r.stderr
     retries = [line for line in out.splitlines() if "retry" in line]
-    assert len(retries) == Settings().retries, retries  # one line per round, for all waiting files
+    assert len(retries) == Tuning().retries, retries  # one line per round, for all waiting files
     reason = "does not resolve" if "invalid" in base else "connection refused"
     assert all(reason in line and "file(s) not reachable" in line for line in retries), retries
     errors = [line for line in out.splitlines() if line.startswith("setup failed:")]

@@ -16,7 +16,7 @@ from lib.engine import memory
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine, plan_memory
 from lib.engine.loading import ComponentLoader
-from lib.local import collect, outputs, run_inputs
+from lib.local import Metrics, collect, outputs, recording, run_inputs
 from lib.engine.modes import MODES
 
 CPU, FP32 = torch.device("cpu"), torch.float32
@@ -58,12 +58,8 @@ def setup_predictor(monkeypatch, tiny_weights, budget):
 
 
 def run(predictor, **inputs):
-    metrics = {}
-    predictor.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
-    try:
+    with recording(predictor) as metrics:
         paths = collect(predictor, **run_inputs(predictor, **inputs))
-    finally:
-        del predictor.record_metric
     return [p.read_bytes() for p in paths], metrics
 
 
@@ -121,8 +117,7 @@ def test_requests_are_grouped_by_mode_so_that_moves_stay_rare(monkeypatch, tiny_
     moves = limited.engine.residency.moves
 
     async def one(mode, seed):
-        metrics = {}
-        limited.record_metric = lambda k, v, mode="replace": metrics.__setitem__(k, v)
+        metrics = limited.record_metric = Metrics()
         inputs = run_inputs(limited, prompt="x", mode=mode, width=256, height=256, seed=seed)
         paths = [p async for p in outputs(limited, **inputs)]
         return mode, len(paths), metrics

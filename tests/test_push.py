@@ -17,7 +17,7 @@ import pytest
 
 from lib.testkit.cog_server import ROOT
 
-from scripts import push  # noqa: E402
+from lib import push
 
 
 def push_cli(*args, path: str, env: dict | None = None) -> subprocess.CompletedProcess:

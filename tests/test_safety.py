@@ -17,15 +17,10 @@ import torch
 from PIL import Image
 
 from lib.engine.batcher import Batcher
-from lib.local import outputs, run_inputs
+from lib.local import Metrics, outputs, run_inputs
 from lib.engine.safety import AllImagesFlagged
 
 BASE = dict(prompt="a lighthouse at dusk", mode="sd-turbo", width=256, height=256, output_format="png")
-
-
-class Metrics(dict):
-    def __call__(self, key, value, mode="replace"):
-        self[key] = value
 
 
 @pytest.fixture

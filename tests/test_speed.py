@@ -44,7 +44,7 @@ ONLY = {"vae-bfloat16": ("sdxl-turbo",), "compile": ("sd-turbo",)}
 def engine_with(tiny_weights, env: dict, modes=MODES) -> Engine:
     """A fresh engine (own modules: the switches change them in place) with `env`'s switches applied."""
     engine = Engine(load_modes(tiny_weights, modes, CPU, FP32), CPU, FP32)
-    return speed.optimize(engine, speed.Settings.from_env(CPU, env))
+    return speed.optimize(engine, speed.Switches.from_env(CPU, env))
 
 
 def pixels(engine: Engine, tmp_path) -> dict:
@@ -138,25 +138,25 @@ def test_fused_projections_hold_each_weight_once(tiny_weights):
 
 
 def test_settings_defaults_and_errors():
-    cpu = speed.Settings.from_env(CPU, {})
+    cpu = speed.Switches.from_env(CPU, {})
     assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile) == \
         (True, False, False, False, False, ())
-    cuda = speed.Settings.from_env(torch.device("cuda"), {})
+    cuda = speed.Switches.from_env(torch.device("cuda"), {})
     assert (cuda.channels_last, cuda.fuse_qkv, cuda.tf32, cuda.warmup) == (True,) * 4
     # Prediction sizes are free-form: cuDNN autotuning per new size would cost more than it saves.
-    assert not cuda.cudnn_benchmark and speed.Settings.from_env(CPU, {"SPEED_CUDNN_BENCHMARK": "1"}).cudnn_benchmark
+    assert not cuda.cudnn_benchmark and speed.Switches.from_env(CPU, {"SPEED_CUDNN_BENCHMARK": "1"}).cudnn_benchmark
     assert cuda.vae_dtype == "auto" and cuda.compile == () and not cuda.cuda_graphs
-    plain = speed.Settings.from_env(torch.device("cuda"), {"SPEED": "0"})
+    plain = speed.Switches.from_env(torch.device("cuda"), {"SPEED": "0"})
     assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype) == \
         (False, False, False, False, "keep")
     assert plain.sdpa  # diffusers' own default stays
-    assert speed.Settings.from_env(CPU, {"SPEED_COMPILE": "1"}).compile == ("unet", "vae")
-    graphs = speed.Settings.from_env(torch.device("cuda"), {"SPEED_CUDA_GRAPHS": "1"})
+    assert speed.Switches.from_env(CPU, {"SPEED_COMPILE": "1"}).compile == ("unet", "vae")
+    graphs = speed.Switches.from_env(torch.device("cuda"), {"SPEED_CUDA_GRAPHS": "1"})
     assert graphs.compile == ("unet",) and graphs.compile_mode == "max-autotune"
     for env, name in (({"SPEED_FUSE_QKV": "maybe"}, "SPEED_FUSE_QKV"), ({"SPEED_VAE_DTYPE": "int8"}, "SPEED_VAE_DTYPE"),
                       ({"SPEED_COMPILE": "unet,everything"}, "SPEED_COMPILE")):
         with pytest.raises(ValueError, match=name):
-            speed.Settings.from_env(CPU, env)
+            speed.Switches.from_env(CPU, env)
 
 
 def test_vae_dtypes_follow_the_vaes_own_config_and_the_gpus_compute_capability(tiny_weights):
@@ -169,7 +169,7 @@ def test_vae_dtypes_follow_the_vaes_own_config_and_the_gpus_compute_capability(t
     sdxl, sd = (engine.modes[m].txt2img.vae.config for m in ("sdxl-turbo", "sd-turbo"))
     assert sdxl.force_upcast and sd.force_upcast  # AutoencoderKL's default fills the key in for SD's
     assert precision.needs_upcast(sdxl) and not precision.needs_upcast(sd)
-    auto, keep = speed.Settings.from_env(CPU, {}), speed.Settings.from_env(CPU, {"SPEED": "0"})
+    auto, keep = speed.Switches.from_env(CPU, {}), speed.Switches.from_env(CPU, {"SPEED": "0"})
     fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
     cuda = torch.device("cuda")
     for capability, upcast in (((7, 0), fp32), ((7, 5), fp32), ((8, 0), bf16), ((8, 9), bf16), ((9, 0), bf16)):
@@ -186,7 +186,7 @@ def test_vae_dtypes_follow_the_vaes_own_config_and_the_gpus_compute_capability(t
         precision.choose(CPU, None, "half")
     cpu = precision.choose(CPU)
     assert (cpu.model, cpu.upcast_vae) == (fp32, fp32)
-    assert speed.vae_dtype(sdxl, speed.Settings.from_env(CPU, {"SPEED_VAE_DTYPE": "bfloat16"}), cpu, fp32) == bf16
+    assert speed.vae_dtype(sdxl, speed.Switches.from_env(CPU, {"SPEED_VAE_DTYPE": "bfloat16"}), cpu, fp32) == bf16
 
 
 def test_tf32_is_set_through_one_api_and_stays_readable():

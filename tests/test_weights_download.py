@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lib.weights import cache as weights
-from lib.weights.download import Settings, WeightsError
+from lib.weights.download import Tuning, WeightsError
 from lib.engine.modes import MODES, all_repos
 from lib.engine.modes import repo_files
 from lib.weights.cache import Cache, ensure_weights, verify_weights
@@ -28,7 +28,7 @@ BIG = "unet/diffusion_pytorch_model.fp16.safetensors"  # sd-turbo's: 80 MiB, the
 SHARED = "text_encoder/model.fp16.safetensors"  # same bytes in both repos: stored once
 TOFU = "tokenizer/special_tokens_map.json"  # sd-turbo's has no hash in the manifest: trusted on first download
 COMMIT = "c0ffee" * 6 + "c0ffee0f"  # what the mirror says sd-turbo's "main" resolves to
-FAST = Settings(connections=4, files=4, chunk_size=16 * MiB, timeout=1.0, retries=2, backoff=0.05,
+FAST = Tuning(connections=4, files=4, chunk_size=16 * MiB, timeout=1.0, retries=2, backoff=0.05,
                 progress_seconds=0.3)
 SUB_ENV = {"WEIGHTS_TIMEOUT": "1", "WEIGHTS_RETRIES": "2", "WEIGHTS_CONNECTIONS": "4"}
 
@@ -91,7 +91,7 @@ class Env:
 
     def ensure(self, modes=("sd-turbo",), **kw):
         kw = {"manifest_path": self.manifest, "base_url": self.proxy.url, "log": self.lines.append,
-              "settings": FAST, **kw}
+              "tuning": FAST, **kw}
         return ensure_weights(list(modes), self.dir, **kw)
 
     def source(self, repo_id: str, path: str) -> bytes:
@@ -409,7 +409,7 @@ def test_tracked_manifest_lists_every_file_the_modes_load():
 
 
 def test_tracked_manifest_is_what_the_generator_makes():
-    from scripts.weights import build_manifest
+    from lib.weights.cli import build_manifest
 
     tracked = weights.load_manifest(weights.DEFAULT_MANIFEST)
     assert build_manifest(tracked) == tracked
@@ -464,7 +464,7 @@ def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_
     with Nginx(tiny_mirror, tmp_path / "nginx") as nginx:
         monkeypatch.setenv("WEIGHTS_BASE_URL", nginx.url)
         monkeypatch.setenv("WEIGHTS_MANIFEST", str(tiny_mirror / "manifest.json"))
-        report = ensure_weights(list(MODES), cache, log=lambda line: None, settings=FAST)
+        report = ensure_weights(list(MODES), cache, log=lambda line: None, tuning=FAST)
     needed = [(r.repo_id, p) for r in all_repos(MODES) for p in repo_files(r)]
     assert report["files"] == len(needed) == report["downloaded"] + report["linked"]
     assert report["linked"] > 0  # the SDXL text encoders (and tokenizer files) are stored once
@@ -482,16 +482,16 @@ def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_
 
 def test_one_weights_dir_default_for_setup_the_operator_script_and_the_lora_cache(tmp_path, monkeypatch):
     """Unset WEIGHTS_DIR means the project's weights/ folder, whatever the working directory."""
-    from lib.loras import lora
+    from lib.settings import Settings
 
     monkeypatch.delenv("WEIGHTS_DIR", raising=False)
     monkeypatch.delenv("LORA_CACHE_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert weights.weights_dir_from_env() == ROOT / "weights" == weights.DEFAULT_WEIGHTS_DIR
-    assert lora.cache_dir() == ROOT / "weights" / ".loras"
+    assert Settings().weights_dir == ROOT / "weights" == weights.DEFAULT_MANIFEST.parent
+    assert Settings().lora_cache_dir == ROOT / "weights" / ".loras"
     env = {k: v for k, v in os.environ.items() if k not in ("WEIGHTS_DIR", "WEIGHTS_MANIFEST")}
     r = subprocess.run([sys.executable, str(ROOT / "scripts/weights.py"), "status", "--modes", "sd-turbo"],
                        cwd=tmp_path, env={**env, "SAFETY_CHECKER": "0"}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith(f"cache {ROOT / 'weights'}, manifest {weights.DEFAULT_MANIFEST}")
     monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "w"))
-    assert weights.weights_dir_from_env() == tmp_path / "w" and lora.cache_dir() == tmp_path / "w" / ".loras"
+    assert Settings().weights_dir == tmp_path / "w" and Settings().lora_cache_dir == tmp_path / "w" / ".loras"

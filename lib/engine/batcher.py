@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lib.engine.engine import Batch, Cancelled, Engine, Job, Output, batch_key
+from lib.settings import Settings
 
 _DONE = object()
 MODE_SWITCH_WAIT = 1.0  # seconds an older request of a mode in host memory waits for requests of resident modes
@@ -57,16 +58,15 @@ class _Entry:
 
 def _window_from_env() -> float:
     # Batching needs concurrent requests; with one slot a window would only add latency.
-    if int(os.environ.get("COG_MAX_CONCURRENCY", "1")) <= 1:
-        return 0.0
-    return float(os.environ.get("BATCH_WINDOW_MS", "5")) / 1000
+    settings = Settings()
+    return 0.0 if settings.cog_max_concurrency <= 1 else settings.batch_window_ms / 1000
 
 
 class Batcher:
     def __init__(self, engine: Engine, window: float | None = None, max_images: int | None = None):
         self.engine = engine
         self.window = _window_from_env() if window is None else window
-        self.max_images = max_images or int(os.environ.get("BATCH_MAX_IMAGES", "16"))
+        self.max_images = max_images or Settings().batch_max_images
         self._pending: list[_Entry] = []
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host")

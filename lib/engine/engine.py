@@ -24,16 +24,16 @@ import torch
 from PIL import Image
 
 from lib.engine import decoding, images, memory, precision, speed
-from lib.env import env_flag
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
 from lib.loras.lora import LoraFile, fetch as fetch_lora, style_lora
 from lib.engine.memory import Residency
-from lib.engine.modes import MODES, SAFETY_CHECKER, safety_checker_enabled
+from lib.engine.modes import MODES
 from lib.engine.safety import AllImagesFlagged, SafetyChecker, check_present as check_safety_weights
 from lib.engine.safety import load_from_env as load_safety_checker, weights_path as safety_file
 from lib.engine.timeline import Timeline
-from lib.weights.cache import ensure_weights, weights_dir_from_env
+from lib.settings import Settings
+from lib.weights.cache import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,6 @@ def batch_key(request: Request) -> tuple:
             request.fast_decode)
 
 
-def enabled_modes_from_env() -> tuple[str, ...]:
-    value = os.environ.get("ENABLED_MODES", "").strip()
-    if not value:
-        return tuple(MODES)
-    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in MODES]
-    if unknown:
-        raise ValueError(f"ENABLED_MODES: {', '.join(unknown)} not a mode; allowed: {', '.join(MODES)}")
-    return names
-
-
 class Engine:
     def __init__(self, modes: dict[str, LoadedMode], device: torch.device, dtype: torch.dtype,
                  safety: SafetyChecker | None = None, residency: Residency | None = None):
@@ -94,20 +83,20 @@ class Engine:
         self.safety = safety  # None: SAFETY_CHECKER=0
         self.residency = residency or Residency.everything(modes, self.device, safety)
         self.speed: dict = {}  # what lib/speed.py applied
-        self.speed_settings: speed.Settings | None = None
+        self.switches: speed.Switches | None = None
 
     @classmethod
     def load(cls, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None,
-             settings: speed.Settings | None = None) -> Engine:
+             switches: speed.Switches | None = None) -> Engine:
         """Plan the device memory, load the modes (each module where the plan puts it), apply the fast path."""
         device = torch.device(device or choose_device())
-        dtypes = precision.choose(device, requested=os.environ.get("MODEL_DTYPE") or None)
+        dtypes = precision.choose(device, requested=Settings().model_dtype)
         dtype = dtype or dtypes.model
-        settings = settings or speed.Settings.from_env(device)
+        switches = switches or speed.Switches.from_env(device)
         weights_dir, mode_names = Path(weights_dir), tuple(mode_names)
-        loader = ComponentLoader(device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, settings, dtypes,
+        loader = ComponentLoader(device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes,
                                                                                          dtype))
-        plan = plan_memory(loader, weights_dir, mode_names, safety_checker_enabled())
+        plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker)
         log.info("%s", plan.describe())
         resident = {k for name in plan.resident for k in plan.mode_modules[name]}
         loader.on_device = resident.__contains__
@@ -117,7 +106,7 @@ class Engine:
                  time.perf_counter() - started)
         safety = load_safety_checker(weights_dir, device, dtype)
         engine = cls(modes, device, dtype, safety, None)
-        speed.optimize(engine, settings, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
+        speed.optimize(engine, switches, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
         engine.residency = Residency(plan, {name: m.modules() for name, m in modes.items()}, device,
                                      [safety.model] if safety else [])
         engine.residency.pin_host()
@@ -125,11 +114,13 @@ class Engine:
 
     @classmethod
     def from_env(cls) -> Engine:
-        """setup(): make sure the enabled modes' weights are cached and verified, then load them.
-        WEIGHTS_OFFLINE=1 skips the manifest and any download and loads WEIGHTS_DIR as it is."""
-        weights_dir, names = weights_dir_from_env(), enabled_modes_from_env()
-        if not env_flag("WEIGHTS_OFFLINE", False):
-            ensure_weights(names, weights_dir, log=log.info, safety_checker=safety_checker_enabled())
+        """setup(): check every setting, make sure the enabled modes' weights are cached and verified, then load
+        them. WEIGHTS_OFFLINE=1 skips the manifest and any download and loads WEIGHTS_DIR as it is."""
+        settings = Settings()
+        settings.check()  # a bad value of any variable fails setup now, naming it
+        weights_dir, names = settings.weights_dir, settings.enabled_modes
+        if not settings.weights_offline:
+            ensure_weights(names, weights_dir, log=log.info, safety_checker=settings.safety_checker)
         return cls.load(weights_dir, names)
 
     def request(self, **inputs) -> Request:
@@ -186,9 +177,9 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
     if safety_checker:
         check_safety_weights(weights_dir)
     device = loader.device
-    budget_text = os.environ.get("DEVICE_MEMORY_BUDGET", "").strip()
-    if budget_text:
-        budget, source = memory.parse_bytes("DEVICE_MEMORY_BUDGET", budget_text), "DEVICE_MEMORY_BUDGET"
+    budget = Settings().device_memory_budget
+    if budget is not None:
+        source = "DEVICE_MEMORY_BUDGET"
     elif device.type == "cuda":
         budget, source = torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
     else:

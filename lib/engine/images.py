@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib.engine.inputs import InputError
+from lib.settings import Settings
 
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -23,7 +24,6 @@ EXIF_SOFTWARE = 0x0131
 EXIF_ORIENTATION = 0x0112
 SOFTWARE = "fast-sd-cog"
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
-WEBP_METHOD = int(os.environ.get("SPEED_WEBP_METHOD", 0))
 
 
 def input_image_size(path) -> tuple[int, int]:
@@ -74,7 +74,7 @@ def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings:
     if fmt == "webp":
         # libwebp method 0 at 512px: 6 ms vs 25 ms for method 4 (Pillow's default), same PSNR, +12% bytes
         # (docs/benchmarks.md, "Image encoding"). SPEED_WEBP_METHOD (0-6) overrides.
-        options["method"] = WEBP_METHOD
+        options["method"] = Settings().speed_webp_method
     if fmt == "png":
         options["compress_level"] = 1  # PNG is lossless either way; level 1 is ~5x faster than 6
     tmp = path.with_name(path.name + ".part")
@@ -91,7 +91,7 @@ def save_in_background(image: Image.Image, path: Path, fmt: str, quality: int, s
         written = save_image(image, path, fmt, quality, settings)
         return written, time.perf_counter() - started
 
-    pool = _encoder_pool()
+    pool = _encoder_pool(Settings().speed_encode_threads)
     if pool is None:
         future: Future = Future()
         future.set_result(work())
@@ -100,8 +100,7 @@ def save_in_background(image: Image.Image, path: Path, fmt: str, quality: int, s
 
 
 @functools.lru_cache(maxsize=None)
-def _encoder_pool() -> ThreadPoolExecutor | None:
-    threads = int(os.environ.get("SPEED_ENCODE_THREADS", min(4, os.cpu_count() or 1)))
+def _encoder_pool(threads: int) -> ThreadPoolExecutor | None:
     return ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 0 else None
 
 

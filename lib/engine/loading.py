@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
 from lib.engine.precision import needs_upcast
+from lib.settings import Settings
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -61,7 +62,7 @@ class LoadedMode:
 
 def choose_device() -> torch.device:
     """CUDA where there is one; MODEL_DEVICE overrides."""
-    return torch.device(os.environ.get("MODEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(Settings().model_device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def repo_dir(weights_dir: Path, repo: Repo) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from lib.env import env_flag
 
 # Pipeline families: which diffusers pipeline classes run a mode.
 SD = "sd"
@@ -111,11 +110,6 @@ MODES: dict[str, Mode] = {
     )
 }
 DEFAULT_MODE = "sdxl-turbo"
-
-
-def safety_checker_enabled() -> bool:
-    """SAFETY_CHECKER=0 (false/no/off) leaves the safety checker out entirely: not fetched, not loaded."""
-    return env_flag("SAFETY_CHECKER", True)
 
 
 def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:

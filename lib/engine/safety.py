@@ -21,11 +21,12 @@ import torch
 from PIL import Image
 
 from lib.engine.loading import WeightsMissingError, repo_dir
-from lib.engine.modes import SAFETY_CHECKER, repo_files, safety_checker_enabled, weight_file
+from lib.engine.modes import SAFETY_CHECKER, repo_files, weight_file
+from lib.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AllImagesFlagged", "SafetyChecker", "load_from_env", "safety_checker_enabled", "weights_path"]
+__all__ = ["AllImagesFlagged", "SafetyChecker", "load_from_env", "weights_path"]
 
 
 def check_present(weights_dir: Path) -> None:
@@ -102,7 +103,7 @@ class SafetyChecker:
 
 def load_from_env(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker | None:
     """The checker, or None where SAFETY_CHECKER=0."""
-    if not safety_checker_enabled():
+    if not Settings().safety_checker:
         log.info("safety checker off (SAFETY_CHECKER=0): images are not checked")
         return None
     return SafetyChecker.load(weights_dir, device, dtype)

@@ -45,17 +45,15 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from lib.env import FALSE, TRUE, env_flag
+from lib.settings import Settings
 from lib.engine.precision import Precision, choose as choose_precision, needs_upcast
 
 log = logging.getLogger(__name__)
 
-VAE_DTYPES = ("auto", "keep", "float32", "bfloat16", "float16")
-COMPILE_TARGETS = ("unet", "vae", "text")
 
 
 @dataclass(frozen=True)
-class Settings:
+class Switches:
     sdpa: bool
     tf32: bool
     cudnn_benchmark: bool
@@ -69,28 +67,30 @@ class Settings:
     warmup: bool
 
     @classmethod
-    def from_env(cls, device: torch.device, env=None, **overrides) -> Settings:
-        """The switches from `env` (default os.environ) and `overrides`, with the device's defaults."""
-        env = os.environ if env is None else env
+    def from_env(cls, device: torch.device, env=None, **overrides) -> Switches:
+        """The switches from `env` (default os.environ, through lib/switches.py) and `overrides`, with the
+        device's defaults: on for CUDA unless SPEED=0."""
+        s = Settings(env)
         cuda = torch.device(device).type == "cuda"
-        fast = env_flag("SPEED", True, env)
+        fast = s.speed
+
+        def default(value, on):
+            return on if value is None else value
+
         values = {
-            "sdpa": env_flag("SPEED_SDPA", True, env),
-            "tf32": env_flag("SPEED_TF32", fast and cuda, env),
-            "cudnn_benchmark": env_flag("SPEED_CUDNN_BENCHMARK", False, env),
-            "channels_last": env_flag("SPEED_CHANNELS_LAST", fast and cuda, env),
-            "fuse_qkv": env_flag("SPEED_FUSE_QKV", fast and cuda, env),
-            "vae_dtype": env.get("SPEED_VAE_DTYPE", "").strip().lower() or ("auto" if fast else "keep"),
-            "compile": _targets(env.get("SPEED_COMPILE", "")),
-            "compile_mode": env.get("SPEED_COMPILE_MODE", "").strip(),
-            "compile_backend": env.get("SPEED_COMPILE_BACKEND", "").strip() or "inductor",
-            "cuda_graphs": env_flag("SPEED_CUDA_GRAPHS", False, env),
-            "warmup": env_flag("SPEED_WARMUP", fast and cuda, env),
+            "sdpa": s.speed_sdpa,
+            "tf32": default(s.speed_tf32, fast and cuda),
+            "cudnn_benchmark": s.speed_cudnn_benchmark,
+            "channels_last": default(s.speed_channels_last, fast and cuda),
+            "fuse_qkv": default(s.speed_fuse_qkv, fast and cuda),
+            "vae_dtype": s.speed_vae_dtype or ("auto" if fast else "keep"),
+            "compile": s.speed_compile,
+            "compile_mode": s.speed_compile_mode or "",
+            "compile_backend": s.speed_compile_backend,
+            "cuda_graphs": s.speed_cuda_graphs,
+            "warmup": default(s.speed_warmup, fast and cuda),
         }
         values.update(overrides)
-        if values["vae_dtype"] not in VAE_DTYPES:
-            raise ValueError(f"SPEED_VAE_DTYPE: {values['vae_dtype']!r} is not allowed; "
-                             f"allowed: {', '.join(VAE_DTYPES)}")
         if values["cuda_graphs"] and "unet" not in values["compile"]:
             values["compile"] = ("unet", *values["compile"])  # CUDA graphs come through torch.compile
         if not values["compile_mode"]:
@@ -106,20 +106,6 @@ class Settings:
         return ", ".join(on + extra)
 
 
-def _targets(value: str) -> tuple[str, ...]:
-    value = value.strip().lower()
-    if value in ("",) + FALSE:
-        return ()
-    if value in TRUE:
-        return ("unet", "vae")
-    targets = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
-    unknown = [t for t in targets if t not in COMPILE_TARGETS]
-    if unknown:
-        raise ValueError(f"SPEED_COMPILE: {', '.join(unknown)} not a target; allowed: 1, 0, or a list of "
-                         f"{', '.join(COMPILE_TARGETS)}")
-    return targets
-
-
 def _unique(modules) -> list:
     seen: dict[int, object] = {}
     for m in modules:
@@ -133,12 +119,12 @@ def decoders(loaded) -> list:
     return _unique([loaded.txt2img.vae, getattr(loaded, "tiny_vae", None)])
 
 
-def vae_dtype(config, settings: Settings, dtypes: Precision, model_dtype: torch.dtype) -> torch.dtype:
+def vae_dtype(config, switches: Switches, dtypes: Precision, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype a decoder (VAE or TAESD) with this config runs in."""
-    if settings.vae_dtype == "keep":  # as diffusers loads it: an upcast VAE in fp32
+    if switches.vae_dtype == "keep":  # as diffusers loads it: an upcast VAE in fp32
         return torch.float32 if needs_upcast(config) else model_dtype
-    if settings.vae_dtype != "auto":
-        return getattr(torch, settings.vae_dtype)
+    if switches.vae_dtype != "auto":
+        return getattr(torch, switches.vae_dtype)
     return dtypes.upcast_vae if needs_upcast(config) else model_dtype
 
 
@@ -159,9 +145,9 @@ def attention_report(modules) -> dict:
 
 
 @torch.no_grad()
-def apply(modes: dict, device: torch.device, dtype: torch.dtype, settings: Settings, dtypes: Precision | None = None,
+def apply(modes: dict, device: torch.device, dtype: torch.dtype, switches: Switches, dtypes: Precision | None = None,
           resident=None) -> dict:
-    """Apply `settings` to every mode's modules (each shared module once); `resident`: the modes the memory plan
+    """Apply `switches` to every mode's modules (each shared module once); `resident`: the modes the memory plan
     keeps on the device (default: all). Returns what was done."""
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -169,40 +155,40 @@ def apply(modes: dict, device: torch.device, dtype: torch.dtype, settings: Setti
     cuda = device.type == "cuda"
     dtypes = dtypes or choose_precision(device)
     if cuda:  # process-wide flags: set both ways
-        set_tf32(settings.tf32)
-        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+        set_tf32(switches.tf32)
+        torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     loaded = list(modes.values())
     unets = _unique(lm.txt2img.unet for lm in loaded)
     vaes = _unique(d for lm in loaded for d in decoders(lm))
     texts = _unique(e for lm in loaded for e in (lm.txt2img.text_encoder, getattr(lm.txt2img, "text_encoder_2", None)))
-    report: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "settings": asdict(settings)}
+    report: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "switches": asdict(switches)}
 
     report["vae_dtype"] = {}
     for v in vaes:
-        target = vae_dtype(v.config, settings, dtypes, dtype)
+        target = vae_dtype(v.config, switches, dtypes, dtype)
         if v.dtype != target:
             v.to(target)
         report["vae_dtype"][type(v).__name__] = str(target).removeprefix("torch.")
 
     attention_modules = [m for m in unets + vaes if hasattr(m, "set_attn_processor")]
     report["projections_dropped"] = 0
-    if not settings.sdpa:
+    if not switches.sdpa:
         for m in attention_modules:
             m.set_attn_processor(AttnProcessor())
-    elif settings.fuse_qkv:
+    elif switches.fuse_qkv:
         for m in attention_modules:
             if hasattr(m, "fuse_qkv_projections") and m.attn_processors:
                 report["projections_dropped"] += fuse_projections(m)
-    if settings.channels_last:
+    if switches.channels_last:
         for m in unets + vaes:
             m.to(memory_format=torch.channels_last)
     report["attention"] = attention_report(unets + vaes + texts)
 
-    if settings.compile:
+    if switches.compile:
         resident = set(modes) if resident is None else set(resident)
         on_device = {id(m) for name in resident for m in modes[name].modules()}
-        _compile(settings, unets, vaes, texts, on_device)
-    report["compiled"] = list(settings.compile)
+        _compile(switches, unets, vaes, texts, on_device)
+    report["compiled"] = list(switches.compile)
     return report
 
 
@@ -262,22 +248,22 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on
 
 
-def _compile(settings: Settings, unets, vaes, texts, on_device: set[int]) -> None:
-    if settings.compile_backend == "inductor":
+def _compile(switches: Switches, unets, vaes, texts, on_device: set[int]) -> None:
+    if switches.compile_backend == "inductor":
         import torch._inductor.config as inductor
 
-        # diffusers' recommended inductor settings for its UNets/VAEs (docs: "Accelerate inference").
+        # diffusers' recommended inductor switches for its UNets/VAEs (docs: "Accelerate inference").
         inductor.conv_1x1_as_mm = True
         inductor.coordinate_descent_tuning = True
         inductor.epilogue_fusion = False
         inductor.coordinate_descent_check_all_directions = True
     targets = {"unet": unets, "vae": vaes, "text": texts}
-    for target in settings.compile:
+    for target in switches.compile:
         for module in targets[target]:
-            options = {"backend": settings.compile_backend}
-            if settings.compile_backend == "inductor":
+            options = {"backend": switches.compile_backend}
+            if switches.compile_backend == "inductor":
                 # A module that the memory plan may move out and back must not hold CUDA graphs.
-                options["mode"] = settings.compile_mode if id(module) in on_device or not settings.cuda_graphs \
+                options["mode"] = switches.compile_mode if id(module) in on_device or not switches.cuda_graphs \
                     else "max-autotune-no-cudagraphs"
             getattr(module, "decoder", module).compile(**options)  # in place: the pipelines share the module
 
@@ -311,16 +297,16 @@ def _decode_variants(engine, name: str) -> list[bool]:
     return [False, True] if getattr(engine.modes[name], "tiny_vae", None) is not None else [False]
 
 
-def optimize(engine, settings: Settings | None = None, dtypes: Precision | None = None, resident=None):
+def optimize(engine, switches: Switches | None = None, dtypes: Precision | None = None, resident=None):
     """Engine.load's last step: apply the switches from the environment (warm-up is separate: `warm_up`, on the
     serving thread). The report is kept in engine.speed (and the benchmark records it)."""
-    settings = settings or Settings.from_env(engine.device)
+    switches = switches or Switches.from_env(engine.device)
     started = time.perf_counter()
-    report = apply(engine.modes, engine.device, engine.dtype, settings, dtypes, resident)
+    report = apply(engine.modes, engine.device, engine.dtype, switches, dtypes, resident)
     report["apply_s"] = round(time.perf_counter() - started, 3)
     report["warmup_s"] = {}
     engine.speed = report
-    engine.speed_settings = settings
-    log.info("fast path on %s: %s; attention: %s; applied in %.1f s", engine.device, settings.describe(),
+    engine.switches = switches
+    log.info("fast path on %s: %s; attention: %s; applied in %.1f s", engine.device, switches.describe(),
              report["attention"], report["apply_s"])
     return engine

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lib.jobs.ledger import RESUBMITTABLE, TERMINAL, Ledger
+from lib.settings import Settings
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 EVENTS = ["start", "output", "logs", "completed"]
@@ -96,7 +97,7 @@ class ReplicateBackend:
 
         if sum(bool(x) for x in (model, version, deployment)) != 1:
             raise JobsError("give exactly one of --model, --version, --deployment")
-        token = token or os.environ.get("REPLICATE_API_TOKEN")
+        token = token or Settings().replicate_api_token
         if not token:
             raise JobsError("REPLICATE_API_TOKEN is not set")
         kw = {"base_url": base_url} if base_url else {}

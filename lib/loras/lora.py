@@ -47,9 +47,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
-from lib.env import env_flag
 from lib.engine.inputs import InputError
-from lib.weights.cache import weights_dir_from_env
+from lib.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +67,6 @@ BASE_MODELS = {"sdxl-turbo": "SDXL", "lcm-lora-sdxl": "SDXL", "sd-turbo": "SD 2.
                "lcm-lora-sd15": "SD 1.5"}
 CROSS_ATTENTION_BASES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
-
-
-# -- settings -------------------------------------------------------------------------------------------------
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    try:
-        return int(float(value)) if value else default
-    except ValueError:
-        raise ValueError(f"{name}: {value!r} is not a number") from None
-
-
-def allow_http() -> bool:
-    """LORA_ALLOW_HTTP=1: http URLs and loopback/private addresses allowed (tests on a loopback server only)."""
-    return env_flag("LORA_ALLOW_HTTP", False)
-
-
-def max_bytes() -> int:
-    return _env_int("LORA_MAX_BYTES", 2**30)
-
-
-def cache_budget() -> int:
-    return _env_int("LORA_CACHE_BYTES", 5 * 2**30)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_CACHE_DIR") or weights_dir_from_env() / ".loras")
 
 
 def shown(url: str) -> str:
@@ -137,7 +110,7 @@ def check_url(url: str):
         raise InputError(f"lora_url: {shown(url)} is not a valid URL ({e})") from None
     if parts.scheme not in ("https", "http"):
         raise InputError(f"lora_url: {shown(url)} is not an https URL; allowed: https://...")
-    if parts.scheme == "http" and not allow_http():
+    if parts.scheme == "http" and not Settings().lora_allow_http:
         raise InputError(f"lora_url: {shown(url)} uses http; only https URLs are allowed")
     if not parts.hostname:
         raise InputError(f"lora_url: {shown(url)} has no host")
@@ -147,7 +120,7 @@ def check_url(url: str):
         literal = ipaddress.ip_address(parts.hostname)
     except ValueError:
         literal = None
-    if literal is not None and not allow_http() and (why := refused_address(str(literal))):
+    if literal is not None and not Settings().lora_allow_http and (why := refused_address(str(literal))):
         raise InputError(f"lora_url: {shown(url)} points to {why}; only public addresses are allowed")
     if port is not None and not 0 < port < 65536:
         raise InputError(f"lora_url: {shown(url)} has an invalid port")
@@ -158,7 +131,7 @@ def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
     """(family, sockaddr) for every address of `host`, all of them checked: one refused address refuses the
     host (a name that also resolves inward is not fetched from)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    if not allow_http():
+    if not Settings().lora_allow_http:
         for _, _, _, _, sockaddr in infos:
             if why := refused_address(sockaddr[0]):
                 raise InputError(f"lora_url: host {host} resolves to {sockaddr[0]}, {why}; only public addresses "
@@ -322,7 +295,7 @@ def fetch(url: str) -> LoraFile:
     """The LoRA at `url`, from the cache or downloaded into it (checked as the module docstring says)."""
     check_url(url)
     started = time.perf_counter()
-    folder = cache_dir()
+    folder = Settings().lora_cache_dir
     key = cache_key(url)
     path = folder / f"{key}.safetensors"
     with _url_locks[int(key[:8], 16) % len(_url_locks)]:  # a second request for the URL then finds it cached
@@ -334,7 +307,7 @@ def fetch(url: str) -> LoraFile:
             with _guard:  # not in the middle of an eviction
                 _touch(path)
                 handle = open(path, "rb")
-            evict(folder, cache_budget(), keep=path)
+            evict(folder, Settings().lora_cache_bytes, keep=path)
     size = os.fstat(handle.fileno()).st_size
     seconds = time.perf_counter() - started
     log.info("lora %s: %s (%.1f MB) in %.3f s", shown(url), "cache hit" if cached else "downloaded", size / 1e6,
@@ -400,8 +373,8 @@ def evict(folder: Path, budget: int, keep: Path | None = None) -> list[Path]:
 def _download(url: str, path: Path) -> None:
     import requests
 
-    limit = max_bytes()
-    deadline = time.monotonic() + _env_int("LORA_DOWNLOAD_TIMEOUT", 600)
+    settings = Settings()
+    limit, deadline = settings.lora_max_bytes, time.monotonic() + settings.lora_download_timeout
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     session = _session()
     try:

@@ -26,18 +26,15 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from lib import ROOT
-from lib.env import env_flag
-from lib.weights.download import (SHA256_RE, Downloader, Job, Mismatch, PinMismatch, Probe, Settings, WeightsError,
+from lib.settings import Settings
+from lib.weights.download import (SHA256_RE, Downloader, Mismatch, PinMismatch, Probe, Transfer, Tuning, WeightsError,
                        git_blob_sha1, human, write_json)
 from lib.engine.modes import MODES, all_repos, repo_files
 
 __all__ = ["WeightsError", "PinMismatch", "ensure_weights", "verify_weights", "pin", "repo_files", "load_manifest",
-           "Settings", "weights_dir_from_env"]
+           "Tuning"]
 
-DEFAULT_WEIGHTS_DIR = ROOT / "weights"
-DEFAULT_MANIFEST = DEFAULT_WEIGHTS_DIR / "manifest.json"
-HUB_URL = "https://huggingface.co"
+DEFAULT_MANIFEST = Settings({}).weights_manifest  # what WEIGHTS_MANIFEST defaults to
 FREE_MARGIN = 100_000_000  # left free after a download: logs, outputs and the OS need some room too
 
 Log = Callable[[str], None]
@@ -64,14 +61,15 @@ class Entry:
 
 
 # -- manifest and lock ------------------------------------------------------------------------------------
-def weights_dir_from_env() -> Path:
-    """WEIGHTS_DIR, else the project's weights/ folder: one default for setup, the operator script and the
-    LoRA cache, whatever the working directory."""
-    return Path(os.environ.get("WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR)
-
-
 def manifest_path_from_env(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get("WEIGHTS_MANIFEST") or DEFAULT_MANIFEST)
+    return Path(path or Settings().weights_manifest)
+
+
+def hub_from_env(base_url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
+    """(base URL, token) as given, else from WEIGHTS_BASE_URL and HF_TOKEN."""
+    settings = Settings()
+    base = (base_url or settings.weights_base_url).rstrip("/")
+    return base, token if token is not None else settings.hf_token
 
 
 def lock_path(manifest_path: Path) -> Path:
@@ -217,7 +215,7 @@ def plan(mode_names, manifest: dict, lock: Lock, manifest_path: Path, safety_che
 
 
 def pin(repo_ids, *, manifest_path=None, base_url=None, token=None, revision: str | None = None, log: Log = print,
-        settings: Settings | None = None) -> dict:
+        tuning: Tuning | None = None) -> dict:
     """Pin each repo in the manifest to the commit its revision (or `revision`) resolves to on the Hub, with the
     size and sha256 the Hub vouches for of every file the manifest lists: LFS files from their X-Linked-Etag
     (HEAD only), regular files downloaded (they are small) and checked against their git blob SHA-1 ETag.
@@ -227,11 +225,10 @@ def pin(repo_ids, *, manifest_path=None, base_url=None, token=None, revision: st
     unknown = [r for r in repo_ids if r not in manifest["repos"]]
     if unknown:
         raise WeightsError(f"{manifest_path} has no repo {', '.join(unknown)}; it has {', '.join(manifest['repos'])}")
-    base = (base_url or os.environ.get("WEIGHTS_BASE_URL") or HUB_URL).rstrip("/")
-    token = token if token is not None else os.environ.get("HF_TOKEN") or None
+    base, token = hub_from_env(base_url, token)
     entries = [Entry(r, path, revision or manifest["repos"][r]["revision"], None, None, None)
                for r in repo_ids for path in manifest["repos"][r]["files"]]
-    downloader = Downloader(settings or Settings.from_env(), token=token, log=log)
+    downloader = Downloader(tuning or Tuning.from_env(), token=token, log=log)
     commits, values = {}, {}
     try:
         for e, p in zip(entries, downloader.probe_all([(e.url(base), e.label) for e in entries])):
@@ -344,7 +341,7 @@ class Cache:
 
 # -- public API -------------------------------------------------------------------------------------------
 def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None, token=None, log: Log = print,
-                   settings: Settings | None = None, safety_checker: bool = False) -> dict:
+                   tuning: Tuning | None = None, safety_checker: bool = False) -> dict:
     """Make weights_dir hold every file the modes need, verified; fetch what is missing or wrong.
 
     Defaults: WEIGHTS_MANIFEST, WEIGHTS_BASE_URL (else the Hub), HF_TOKEN. With WEIGHTS_OFFLINE=1 nothing is
@@ -357,13 +354,12 @@ def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None
     cache = Cache(weights_dir)
     entries = plan(mode_names, manifest, lock, manifest_path, safety_checker)
     report = {"files": len(entries), "downloaded": 0, "linked": 0, "rehashed": 0, "bytes": 0}
-    if env_flag("WEIGHTS_OFFLINE", False):
+    if Settings().weights_offline:
         _check_present(entries, cache)
     elif not all(cache.verified(e) for e in entries):
         with cache.locked(log):  # re-checks inside: a process we waited for may have fetched it all
-            base = (base_url or os.environ.get("WEIGHTS_BASE_URL") or HUB_URL).rstrip("/")
-            token = token if token is not None else os.environ.get("HF_TOKEN") or None
-            _fill(entries, cache, manifest, manifest_path, lock, base, token, log, settings or Settings.from_env(),
+            base, token = hub_from_env(base_url, token)
+            _fill(entries, cache, manifest, manifest_path, lock, base, token, log, tuning or Tuning.from_env(),
                   report)
     _learn(entries, cache, lock)
     lock.save(log)
@@ -425,7 +421,7 @@ def _learn(entries: list[Entry], cache: Cache, lock: Lock) -> None:
 
 
 def _fill(entries, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock, base: str, token, log: Log,
-          settings: Settings, report: dict) -> None:
+          tuning: Tuning, report: dict) -> None:
     todo = []
     for e in entries:
         if cache.verified(e):
@@ -455,14 +451,14 @@ def _fill(entries, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock
             leaders[e.sha256 or id(e)] = e
     if not leaders:
         return
-    downloader = Downloader(settings, token=token, log=log)
+    downloader = Downloader(tuning, token=token, log=log)
     try:
         jobs, resolved = [], {}
         probed, mismatches = resolve(list(leaders.values()), base, downloader, manifest_path)
         for e, probe in probed:
             if e.commit and lock.repo(e.repo_id, e.revision).get("commit") != e.commit:
                 lock.pin(e.repo_id, e.revision, e.commit)
-            job = Job(e.label, e.url(base), cache.path(e), cache.partial(e), probe.size, e.sha256, probe, e.size,
+            job = Transfer(e.label, e.url(base), cache.path(e), cache.partial(e), probe.size, e.sha256, probe, e.size,
                       repin_command(e.repo_id, manifest_path))
             jobs.append(job)
             resolved[job] = e
@@ -475,7 +471,7 @@ def _fill(entries, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock
                                "WEIGHTS_DIR at a bigger disk")
         log(f"weights: fetching {len(jobs)} files ({human(need)}) from {base} into {cache.root}")
 
-        def done(job: Job, sha: str) -> None:
+        def done(job: Transfer, sha: str) -> None:
             e = resolved[job]
             cache.mark(e, sha)
             report["downloaded"] += 1

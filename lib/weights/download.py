@@ -31,13 +31,15 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
+
+from lib.settings import Settings
 
 BLOCK = 1 << 20  # read/write unit: big enough to keep Python's per-call overhead small
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -93,32 +95,24 @@ class _Aborted(Exception):
 
 
 @dataclass(frozen=True)
-class Settings:
+class Tuning:
+    """How transfers run. The fields that WEIGHTS_* variables set default to their declared defaults."""
+
     # Parallel HTTP connections, all files together: several beat per-connection CDN limits, but each
     # costs CPU, which the sha256 needs too (on the 2-core benchmark machine 8 gained nothing over 4).
-    connections: int = min(16, max(4, 2 * (os.cpu_count() or 2)))
+    connections: int = field(default_factory=lambda: Settings({}).weights_connections)
     files: int = 4  # files in flight at once
     chunk_size: int = 32 << 20
-    timeout: float = 30.0  # seconds without a byte before a connection counts as stalled
-    retries: int = 5  # failed attempts in a row (without progress) before giving up
+    timeout: float = field(default_factory=lambda: Settings({}).weights_timeout)  # seconds without a byte: stalled
+    retries: int = field(default_factory=lambda: Settings({}).weights_retries)  # failed attempts in a row
     backoff: float = 0.5  # first retry delay, doubled each time, capped at 8 s
-    progress_seconds: float = 5.0
+    progress_seconds: float = field(default_factory=lambda: Settings({}).weights_progress_seconds)
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        def get(name, kind, default):
-            try:
-                value = kind(os.environ.get(name, default))
-            except ValueError:
-                raise WeightsError(f"{name}={os.environ[name]!r} is not a {kind.__name__}") from None
-            if value <= 0:
-                raise WeightsError(f"{name}={value} must be positive")
-            return value
-
-        return cls(connections=get("WEIGHTS_CONNECTIONS", int, cls.connections),
-                   timeout=get("WEIGHTS_TIMEOUT", float, cls.timeout),
-                   retries=get("WEIGHTS_RETRIES", int, cls.retries),
-                   progress_seconds=get("WEIGHTS_PROGRESS_SECONDS", float, cls.progress_seconds))
+    def from_env(cls) -> Tuning:
+        s = Settings()
+        return cls(connections=s.weights_connections, timeout=s.weights_timeout, retries=s.weights_retries,
+                   progress_seconds=s.weights_progress_seconds)
 
 
 @dataclass(frozen=True)
@@ -143,7 +137,7 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Job:
+class Transfer:
     label: str  # "repo R, file F": every error message starts with it
     url: str
     dest: Path  # final path: replaced atomically, only once verified
@@ -168,14 +162,14 @@ def human(n: float) -> str:
 
 
 class Downloader:
-    def __init__(self, settings: Settings | None = None, *, token: str | None = None,
+    def __init__(self, tuning: Tuning | None = None, *, token: str | None = None,
                  log: Callable[[str], None] = print):
-        self.settings = settings or Settings.from_env()
+        self.tuning = tuning or Tuning.from_env()
         self.token = token
         self.log = log
         self.session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4,
-                                                pool_maxsize=self.settings.connections + self.settings.files)
+                                                pool_maxsize=self.tuning.connections + self.tuning.files)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._cancel = threading.Event()
@@ -190,7 +184,7 @@ class Downloader:
         headers["Accept-Encoding"] = "identity"
         if self.token and _origin(url) == _origin(origin):
             headers["Authorization"] = f"Bearer {self.token}"
-        t = self.settings.timeout
+        t = self.tuning.timeout
         return self.session.request(method, url, headers=headers, stream=True, timeout=(t, t),
                                     allow_redirects=follow)
 
@@ -219,11 +213,11 @@ class Downloader:
         raise WeightsError(f"{label}: HTTP {code} from {url}{detail}")
 
     def _backoff(self, failures: int, label: str, url: str, reason: object, abort=None) -> None:
-        if failures > self.settings.retries:
+        if failures > self.tuning.retries:
             raise WeightsError(f"{label}: giving up after {failures} failed attempts in a row, last: {reason} "
                                f"({url}); WEIGHTS_TIMEOUT/WEIGHTS_RETRIES tune the patience")
-        delay = min(self.settings.backoff * 2 ** (failures - 1), 8.0)
-        self.log(f"weights: {label}: {reason}; retry {failures}/{self.settings.retries} in {delay:.1f} s")
+        delay = min(self.tuning.backoff * 2 ** (failures - 1), 8.0)
+        self.log(f"weights: {label}: {reason}; retry {failures}/{self.tuning.retries} in {delay:.1f} s")
         self._sleep(delay, abort)
 
     def _sleep(self, delay: float, abort: threading.Event | None = None) -> None:
@@ -242,7 +236,7 @@ class Downloader:
         together, with one log line per round; after WEIGHTS_RETRIES rounds, one error says what is wrong."""
         results: list[Probe | None] = [None] * len(targets)
         waiting, rounds, started = list(range(len(targets))), 0, time.monotonic()
-        with ThreadPoolExecutor(min(self.settings.connections, max(1, len(targets)))) as pool:
+        with ThreadPoolExecutor(min(self.tuning.connections, max(1, len(targets)))) as pool:
             while waiting:
                 failed = {}
                 for i, outcome in zip(waiting, pool.map(lambda i: self._probe_once(*targets[i]), waiting)):
@@ -257,15 +251,15 @@ class Downloader:
                 reason = reasons.most_common(1)[0][0] + (f" (and {len(reasons) - 1} other reasons)"
                                                          if len(reasons) > 1 else "")
                 url, label = targets[next(iter(failed))]
-                if rounds > self.settings.retries:
+                if rounds > self.tuning.retries:
                     raise WeightsError(
                         f"{len(failed)} of {len(targets)} file(s) could not be reached at {_host(url)}: {reason}; "
                         f"gave up after {rounds} attempts in {time.monotonic() - started:.0f} s (first: {label}, "
                         f"{url}). Check this machine's network access to {_host(url)}, or set WEIGHTS_BASE_URL to a "
                         "mirror you can reach, or WEIGHTS_OFFLINE=1 to load files already in WEIGHTS_DIR")
-                delay = min(self.settings.backoff * 2 ** (rounds - 1), 8.0)
+                delay = min(self.tuning.backoff * 2 ** (rounds - 1), 8.0)
                 self.log(f"weights: {len(failed)} file(s) not reachable at {_host(url)}: {reason}; retry "
-                         f"{rounds}/{self.settings.retries} in {delay:.1f} s")
+                         f"{rounds}/{self.tuning.retries} in {delay:.1f} s")
                 self._sleep(delay)
                 waiting = list(failed)
         return results  # type: ignore[return-value]
@@ -317,7 +311,7 @@ class Downloader:
         raise _Transient(f"too many redirects from {origin}")
 
     # -- one byte range -------------------------------------------------------------------------------------
-    def _fetch_range(self, job: Job, route: dict, fd: int, start: int, end: int, progress: "_Progress",
+    def _fetch_range(self, job: Transfer, route: dict, fd: int, start: int, end: int, progress: "_Progress",
                      abort: threading.Event, written: Callable[[int], None]) -> None:
         """Write bytes [start, end) of job's file at their offsets, calling written(offset) as they land;
         retries resume where the last one stopped."""
@@ -358,12 +352,12 @@ class Downloader:
                 self._backoff(failures, job.label, job.url, _reason(e), abort)
 
     # -- one file -------------------------------------------------------------------------------------------
-    def _fetch_file(self, job: Job, chunks_pool: ThreadPoolExecutor, progress: "_Progress") -> str:
+    def _fetch_file(self, job: Transfer, chunks_pool: ThreadPoolExecutor, progress: "_Progress") -> str:
         """Download, verify and place one file; returns its sha256. Bytes that do not match what the server
         vouches for, or (where it vouches for nothing) the pin, are fetched again once from zero."""
         for attempt in (1, 2):
             self._raise_if_aborted(None)
-            part = _Partial(job, self.settings.chunk_size)
+            part = _Partial(job, self.tuning.chunk_size)
             if part.done:
                 self.log(f"weights: {job.label}: resuming, {human(part.done_bytes())} already on disk")
             progress.skip(part.done_bytes())
@@ -396,7 +390,7 @@ class Downloader:
                            f"{job.sha256}. The server's file is not the pinned one (upstream changed, or a "
                            "bad mirror); if the new file is trusted, re-pin it in the manifest")
 
-    def _transfer(self, job: Job, part: "_Partial", pool: ThreadPoolExecutor, progress: "_Progress") -> str:
+    def _transfer(self, job: Transfer, part: "_Partial", pool: ThreadPoolExecutor, progress: "_Progress") -> str:
         abort, route = threading.Event(), {}
         frontier = _Frontier(part)
 
@@ -434,13 +428,13 @@ class Downloader:
         return h.hexdigest(), g.hexdigest() if g else None
 
     # -- many files -----------------------------------------------------------------------------------------
-    def fetch_all(self, jobs: list[Job], on_done: Callable[[Job, str], None]) -> int:
+    def fetch_all(self, jobs: list[Transfer], on_done: Callable[[Transfer, str], None]) -> int:
         """Fetch jobs, several at once, biggest first; on_done(job, sha256) runs in this thread as each lands.
 
         The first error stops the others (their partials stay for a resume) and is raised; pin mismatches do not
         stop the others and are raised together at the end. Returns bytes transferred."""
         self._cancel.clear()
-        s = self.settings
+        s = self.tuning
         jobs = sorted(jobs, key=lambda j: -j.size)
         with _Progress(sum(j.size for j in jobs), len(jobs), self.log, s.progress_seconds) as progress, \
                 ThreadPoolExecutor(s.connections, thread_name_prefix="chunk") as chunks, \
@@ -472,7 +466,7 @@ class Downloader:
 class _Partial:
     """The partial file of a job and its sidecar listing the chunks already written."""
 
-    def __init__(self, job: Job, chunk_size: int):
+    def __init__(self, job: Transfer, chunk_size: int):
         self.job = job
         self.sidecar = job.partial.with_name(job.partial.name + ".json")
         self.chunks = [(s, min(s + chunk_size, job.size)) for s in range(0, job.size, chunk_size)]
@@ -615,7 +609,7 @@ class _Progress:
         self.thread.join()
 
 
-def _check_range(r: requests.Response, job: Job, off: int) -> None:
+def _check_range(r: requests.Response, job: Transfer, off: int) -> None:
     """The body must be the bytes asked for, of a file of the expected size."""
     if r.status_code == 206:
         m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
@@ -646,7 +640,7 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _unvouched(job: Job, sha256: str, git_sha1: str | None) -> str | None:
+def _unvouched(job: Transfer, sha256: str, git_sha1: str | None) -> str | None:
     """How the bytes received differ from what the server vouches for (None: they match, or it vouches for nothing)."""
     p = job.probe
     if p and p.lfs_sha256 and sha256 != p.lfs_sha256:
