@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 
 from cog import BaseRunner, Input, Path
 
-from lib.engine import inputs
+from lib.engine import inputs, modes
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine
 from lib.engine.images import new_output_dir
@@ -15,7 +15,7 @@ from lib.engine.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
 
 # The model description users see: the turbo modes' weights are licensed for non-commercial use only.
 MODE_HELP = "; ".join(f"{m.name}: {m.summary}" + (" (non-commercial use only: Stability AI Non-Commercial Research "
-                                                  "Community License)" if m.repo.licence == NON_COMMERCIAL else "")
+                                                  "Community License)" if m.weights.repo.licence == NON_COMMERCIAL else "")
                       for m in MODES.values())
 
 
@@ -41,12 +41,10 @@ class Predictor(BaseRunner):
                                       description="Multiple of 8; default as width"),
         num_outputs: int = Input(default=1, ge=inputs.NUM_OUTPUTS_RANGE[0], le=inputs.NUM_OUTPUTS_RANGE[1],
                                  description="Number of images"),
-        num_inference_steps: Optional[int] = Input(
-            default=None, ge=1, le=8, description="Denoising steps; default and range per mode: sdxl-turbo, "
-            "sd-turbo 1 (1-4); lcm 4 (1-8); lcm-lora-* 4 (2-8)"),
-        guidance_scale: Optional[float] = Input(
-            default=None, ge=0, le=15, description="Default and allowed per mode: turbo modes 0 (only 0); lcm 8 "
-            "(1-15, an embedding); lcm-lora-* 1 (0 or 1-2)"),
+        num_inference_steps: Optional[int] = Input(default=None, ge=modes.steps_bounds()[0],
+                                                   le=modes.steps_bounds()[1], description=modes.steps_help()),
+        guidance_scale: Optional[float] = Input(default=None, ge=modes.guidance_bounds()[0],
+                                                le=modes.guidance_bounds()[1], description=modes.guidance_help()),
         seed: Optional[int] = Input(default=None, ge=inputs.SEED_RANGE[0], le=inputs.SEED_RANGE[1],
                                     description="Random if not set; image i uses seed + i"),
         image: Optional[Path] = Input(default=None, description="Input image: turns the prediction into img2img"),

@@ -287,11 +287,11 @@ def plan_runs(args) -> dict:
     for mode in args.modes:
         m = MODES[mode]
         for variant in args.variants:
-            for size in args.sizes or [m.default_size]:
+            for size in args.sizes or [m.size]:
                 for batch in args.batch:
                     for fast_decode in ([False, True] if args.fast_decode else [False]):
                         plan.setdefault((mode, variant), []).append(
-                            (size, args.steps or m.steps_default, batch, fast_decode))
+                            (size, args.steps or m.steps.default, batch, fast_decode))
     return plan
 
 
@@ -341,7 +341,7 @@ def run_tiny(args) -> dict:
     for mode in args.modes:
         engine_mode = predictor.engine.modes[mode]
         m = engine_mode.mode
-        size = (args.sizes or [m.default_size])[0]
+        size = (args.sizes or [m.size])[0]
         pipe = engine_mode.txt2img
         times: dict[str, list[float]] = {"predict": [], "bare": [], "bare+save": []}
         with tempfile.TemporaryDirectory() as out:
@@ -355,7 +355,7 @@ def run_tiny(args) -> dict:
                 return loop.run_until_complete(gather())
 
             def bare_once(seed, save):
-                image = pipe(prompt=PROMPT, num_inference_steps=m.steps_default, guidance_scale=m.guidance_default,
+                image = pipe(prompt=PROMPT, num_inference_steps=m.steps.default, guidance_scale=m.guidance.default,
                              height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
                 if save:
                     image.save(Path(out) / f"bare-{seed}.{args.format}")
@@ -373,7 +373,7 @@ def run_tiny(args) -> dict:
         # Ratios of the fastest runs: other load on the machine only ever adds time (medians are kept too).
         best = {k: min(v) for k, v in times.items()}
         p50 = {k: statistics.median(v) for k, v in times.items()}
-        results[mode] = {"size": size, "steps": m.steps_default, "iters": args.iters, "format": args.format,
+        results[mode] = {"size": size, "steps": m.steps.default, "iters": args.iters, "format": args.format,
                          "predict_ms": stats_ms(times["predict"]), "bare_ms": stats_ms(times["bare"]),
                          "bare_save_ms": stats_ms(times["bare+save"]),
                          "ratio_vs_bare": round(best["predict"] / best["bare"], 3),

@@ -181,8 +181,8 @@ class Check:
             mode = MODES[mode_name]
             metrics = Metrics()
             t0 = time.perf_counter()
-            files = self.predict(p, metrics, prompt=PROMPT, mode=mode_name, width=self.size(mode.default_size),
-                                 height=self.size(mode.default_size), seed=1)
+            files = self.predict(p, metrics, prompt=PROMPT, mode=mode_name, width=self.size(mode.size),
+                                 height=self.size(mode.size), seed=1)
             result["predictions"].append({"mode": mode_name, "ms": round((time.perf_counter() - t0) * 1000, 1),
                                           "images": len(files), "moved_s": metrics.get("timings.mode_load")})
         result["moves"] = p.engine.residency.moves

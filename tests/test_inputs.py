@@ -12,9 +12,9 @@ ALL = tuple(MODES)
 def test_defaults_come_from_the_mode_table(mode):
     m = MODES[mode]
     r = resolve_request(enabled=ALL, prompt="x", mode=mode)
-    assert (r.width, r.height) == (m.default_size, m.default_size)
-    assert r.num_inference_steps == m.steps_default and r.guidance_scale == m.guidance_default
-    assert m.steps_range[0] <= m.steps_default <= m.steps_range[1] and m.guidance_allowed(m.guidance_default)
+    assert (r.width, r.height) == (m.size, m.size)
+    assert r.num_inference_steps == m.steps.default and r.guidance_scale == m.guidance.default
+    assert m.steps.range[0] <= m.steps.default <= m.steps.range[1] and m.guidance.allows(m.guidance.default)
 
 
 def test_random_seed_is_32_bit_and_reported():
@@ -54,3 +54,10 @@ def test_error_names_mode_and_range():
     with pytest.raises(InputError, match=r"guidance_scale: 0.5 is not allowed for mode lcm-lora-sdxl; "
                                          r"allowed: exactly 0 or 1 to 2"):
         resolve_request(enabled=ALL, prompt="x", mode="lcm-lora-sdxl", guidance_scale=0.5)
+
+
+def test_the_readme_mode_table_is_the_mode_tables():
+    from lib import ROOT
+    from lib.engine.modes import markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text()

@@ -200,9 +200,9 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
         fused_styled = unet_out(pipe)
 
     reference = StableDiffusionPipeline.from_pretrained(
-        tiny_weights / mode.repo.repo_id, variant="fp16", dtype=torch.float32, safety_checker=None,
+        tiny_weights / mode.weights.repo.repo_id, variant="fp16", dtype=torch.float32, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
-    reference.load_lora_weights(tiny_weights / mode.lora.repo_id, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+    reference.load_lora_weights(tiny_weights / mode.weights.lora.repo_id, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
     reference.load_lora_weights(lora.load_state_dict(style), adapter_name="style")
     reference.set_adapters(["lcm", "style"], [1.0, 0.7])
     two_adapters = unet_out(reference)

@@ -42,8 +42,8 @@ def test_every_mode_task_and_format(run, photo, mode, img2img, fmt):
     settings = read_settings(path)
     assert settings["mode"] == mode and settings["prompt"] == "a red fox in snow" and settings["seed"] == 7
     assert (settings["width"], settings["height"]) == (256, 264)
-    assert settings["num_inference_steps"] == m.steps_default
-    assert settings["guidance_scale"] == m.guidance_default
+    assert settings["num_inference_steps"] == m.steps.default
+    assert settings["guidance_scale"] == m.guidance.default
     assert settings["strength"] == (0.6 if img2img else None)
     assert metrics["seeds"] == [7]
     assert len(metrics["timings.steps"]) == settings["denoising_steps"] >= 1

@@ -92,7 +92,7 @@ def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
 
     engine = Engine(load_modes(tiny_weights, MODES, CPU, FP32), CPU, FP32)
     assert engine.modes["sd-turbo"].tiny_vae is not engine.modes["sdxl-turbo"].tiny_vae
-    assert (MODES_TABLE["sd-turbo"].tiny_vae, MODES_TABLE["sdxl-turbo"].tiny_vae) == (TAESD, TAESDXL)
+    assert (MODES_TABLE["sd-turbo"].weights.tiny_vae, MODES_TABLE["sdxl-turbo"].weights.tiny_vae) == (TAESD, TAESDXL)
     for mode in MODES:
         assert np.abs(plain[(mode, "taesd")] - plain[(mode, "vae")]).max() > 0
         request = engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64, seed=1, fast_decode=True)

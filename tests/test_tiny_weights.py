@@ -62,7 +62,7 @@ def library_warnings():
 def load_pipeline(weights: Path, mode_name: str):
     import diffusers
 
-    repo = MODES[mode_name].repo
+    repo = MODES[mode_name].weights.repo
     cls = getattr(diffusers, PIPELINE_CLASSES[MODES[mode_name].family][0])
     no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     index = (weights / repo.repo_id / "model_index.json").read_text()
@@ -134,7 +134,7 @@ def test_lcm_lora_has_the_kohya_layout(tiny_weights):
 
 @pytest.mark.parametrize("mode_name", ["lcm-lora-sdxl", "lcm-lora-sd15"])
 def test_lcm_lora_loads_every_key_and_fusing_changes_the_unet(tiny_weights, mode_name):
-    lora = tiny_weights / MODES[mode_name].lora.repo_id
+    lora = tiny_weights / MODES[mode_name].weights.lora.repo_id
     pipe = load_pipeline(tiny_weights, mode_name)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     with library_warnings() as warnings:
@@ -158,8 +158,8 @@ def test_every_mode_draws_a_256px_image(tiny_weights, mode_name):
 
     mode = MODES[mode_name]
     pipe = load_pipeline(tiny_weights, mode_name)
-    if mode.scheduler:
-        pipe.scheduler = getattr(diffusers, mode.scheduler).from_config(pipe.scheduler.config)
+    if mode.weights.scheduler:
+        pipe.scheduler = getattr(diffusers, mode.weights.scheduler).from_config(pipe.scheduler.config)
     image = pipe("a photo of a cat", height=256, width=256, num_inference_steps=2,
-                 guidance_scale=mode.guidance_default, generator=torch.Generator().manual_seed(0)).images[0]
+                 guidance_scale=mode.guidance.default, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (256, 256)

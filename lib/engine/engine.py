@@ -190,8 +190,8 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
         for part in parts.values():
             sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
         mode_modules[name] = frozenset(p.key for p in parts.values())
-        cfg = not mode.guidance_embedded and mode.guidance_default > 1
-        working[name] = memory.working_bytes(parts["unet"].config(), parts["vae"].config(), mode.default_size,
+        cfg = not mode.guidance.embedded and mode.guidance.default > 1
+        working[name] = memory.working_bytes(parts["unet"].config(), parts["vae"].config(), mode.size,
                                              loader.dtype, loader.dtype_of(parts["vae"]), cfg)
     always = frozenset()
     if safety_checker:
@@ -275,8 +275,8 @@ class Batch:
             if r.negative_prompt and not uses_negative_prompt(r):
                 log.warning("negative_prompt ignored: mode %s at guidance_scale %g runs without classifier-free "
                             "guidance, where a negative prompt has no effect%s", mode.name, r.guidance_scale,
-                            "" if mode.guidance_embedded or mode.guidance_range is None
-                            else f" (use guidance_scale above 1, up to {mode.guidance_range[1]:g})")
+                            "" if mode.guidance.embedded or mode.guidance.range is None
+                            else f" (use guidance_scale above 1, up to {mode.guidance.range[1]:g})")
 
     def _denoise(self) -> torch.Tensor:
         """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
@@ -383,7 +383,7 @@ class Batch:
             r = job.request
             if job.cancelled or self.flags.get(k):  # a flagged image is dropped
                 continue
-            settings = {"mode": mode.name, "model": mode.repo.repo_id, "prompt": r.prompt,
+            settings = {"mode": mode.name, "model": mode.weights.repo.repo_id, "prompt": r.prompt,
                         "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None, "seed": seed,
                         "num_inference_steps": r.num_inference_steps, "denoising_steps": runs,
                         "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height,

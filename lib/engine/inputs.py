@@ -10,7 +10,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from lib.engine.modes import DEFAULT_MODE, MODES, Mode
+from lib.engine.modes import DEFAULT_MODE, LCM, MODES, Mode
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 SIZE_RANGE = (256, 2048)
@@ -69,7 +69,7 @@ def denoising_schedule(mode: Mode, steps: int, strength: float) -> tuple[int, in
     int(steps * strength) steps of a `steps`-long schedule; where that is < 1, the schedule is lengthened
     to the shortest one in which exactly one step runs, at the noise level `strength` asks for.
     """
-    if mode.family == "lcm":
+    if mode.family == LCM:  # the LCM pipeline: its own img2img schedule
         runs = max(1, min(steps, int(LCM_ORIGINAL_STEPS * strength)))
         return runs, runs
     scheduled = steps
@@ -170,20 +170,20 @@ def resolve_request(
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
 
     if width is None or height is None:
-        default_w, default_h = (fit_to_area(*image_size, m.default_size**2) if image_size
-                                else (m.default_size, m.default_size))
+        default_w, default_h = (fit_to_area(*image_size, m.size**2) if image_size
+                                else (m.size, m.size))
         width = default_w if width is None else width
         height = default_h if height is None else height
     width, height = _size("width", width), _size("height", height)
 
-    steps = m.steps_default if num_inference_steps is None else num_inference_steps
-    lo, hi = m.steps_range
+    steps = m.steps.default if num_inference_steps is None else num_inference_steps
+    lo, hi = m.steps.range
     if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or not lo <= steps <= hi:
         raise InputError(f"num_inference_steps: {steps!r} is not allowed for mode {m.name}; allowed: {lo} to {hi}")
-    guidance = m.guidance_default if guidance_scale is None else _number("guidance_scale", guidance_scale)
-    if not m.guidance_allowed(guidance):
+    guidance = m.guidance.default if guidance_scale is None else _number("guidance_scale", guidance_scale)
+    if not m.guidance.allows(guidance):
         raise InputError(f"guidance_scale: {guidance:g} is not allowed for mode {m.name}; "
-                         f"allowed: {m.describe_guidance()}")
+                         f"allowed: {m.guidance.describe()}")
 
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"output_format: {output_format!r} is not a format; allowed: {', '.join(OUTPUT_FORMATS)}")

@@ -182,42 +182,42 @@ def _sha256(path: Path) -> str:
 
 def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> dict[str, Part]:
     """The models `mode` runs (unet, vae, text encoders, and its TAESD as `taesd`), as parts."""
-    path = repo_dir(weights_dir, mode.repo)
+    path = repo_dir(weights_dir, mode.weights.repo)
     index = json.loads((path / "model_index.json").read_text())
     parts = {}
-    for component in mode.repo.components:
+    for component in mode.weights.repo.components:
         if component == "scheduler" or component.startswith("tokenizer"):
             continue
         library, class_name = index[component]
-        lora = mode.lora.repo_id if mode.lora and component == "unet" else None
-        parts[component] = loader.part(path, mode.repo, component, library, class_name, lora)
-    if mode.tiny_vae:
-        parts[TINY_VAE] = loader.part(repo_dir(weights_dir, mode.tiny_vae), mode.tiny_vae, TINY_VAE, "diffusers",
+        lora = mode.weights.lora.repo_id if mode.weights.lora and component == "unet" else None
+        parts[component] = loader.part(path, mode.weights.repo, component, library, class_name, lora)
+    if mode.weights.tiny_vae:
+        parts[TINY_VAE] = loader.part(repo_dir(weights_dir, mode.weights.tiny_vae), mode.weights.tiny_vae, TINY_VAE, "diffusers",
                                       "AutoencoderTiny")
     return parts
 
 
 def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedMode:
-    path = repo_dir(weights_dir, mode.repo)
+    path = repo_dir(weights_dir, mode.weights.repo)
     index = json.loads((path / "model_index.json").read_text())
     parts = mode_parts(loader, weights_dir, mode)
     components = {}
-    for component in mode.repo.components:
+    for component in mode.weights.repo.components:
         library, class_name = index[component]
         cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
         if component == "scheduler":  # stateful during a run: every pipeline gets its own
-            components[component] = getattr(diffusers, mode.scheduler or class_name).from_pretrained(
+            components[component] = getattr(diffusers, mode.weights.scheduler or class_name).from_pretrained(
                 path, subfolder=component)  # a replacement class keeps the repo's betas and spacing config
         elif component.startswith("tokenizer"):
-            key = (mode.repo.repo_id, component)
+            key = (mode.weights.repo.repo_id, component)
             if key not in loader.loaded:
                 loader.loaded[key] = cls.from_pretrained(path, subfolder=component)
             components[component] = loader.loaded[key]
         else:
             components[component] = loader.load(parts[component])
     pipes = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True))
-    if mode.lora:
-        fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.lora))
+    if mode.weights.lora:
+        fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.weights.lora))
     if TINY_VAE in parts:
         pipes.tiny_vae = loader.load(parts[TINY_VAE])
     return pipes

@@ -34,43 +34,75 @@ class Repo:
 
 
 @dataclass(frozen=True)
-class Mode:
-    name: str
-    family: str
+class Steps:
+    default: int
+    range: tuple[int, int]
+
+    def describe(self) -> str:
+        return f"{self.default} ({self.range[0]}-{self.range[1]})"
+
+
+@dataclass(frozen=True)
+class Guidance:
+    default: float
+    values: tuple[float, ...] = ()  # allowed exact values
+    range: tuple[float, float] | None = None  # and/or one closed interval
+    embedded: bool = False  # an embedding the UNet reads (LCM), not classifier-free guidance
+
+    def allows(self, value: float) -> bool:
+        return value in self.values or (self.range is not None and self.range[0] <= value <= self.range[1])
+
+    def describe(self) -> str:
+        """What is allowed, for messages: 'exactly 0', '1 to 15', 'exactly 0 or 1 to 2'."""
+        parts = [f"exactly {v:g}" for v in self.values]
+        if self.range:
+            parts.append(f"{self.range[0]:g} to {self.range[1]:g}")
+        return " or ".join(parts)
+
+    def short(self) -> str:
+        """For summaries and tables: 'only 0', '1-15, an embedding in the UNet', '0, or 1-2'."""
+        if not self.range:
+            return "only " + ", ".join(f"{v:g}" for v in self.values)
+        interval = f"{self.range[0]:g}-{self.range[1]:g}"
+        if self.embedded:
+            return f"{interval}, an embedding in the UNet"
+        return ", ".join(f"{v:g}" for v in self.values) + f", or {interval}"
+
+
+@dataclass(frozen=True)
+class Weights:
     repo: Repo
-    lora: Repo | None  # fused into the UNet at setup
-    scheduler: str | None  # replaces the repo's scheduler class (keeping its config); None keeps it
-    steps_default: int
-    steps_range: tuple[int, int]
-    guidance_default: float
-    # Allowed guidance: exact values, and/or one closed interval.
-    guidance_values: tuple[float, ...]
-    guidance_range: tuple[float, float] | None
-    # Guidance is an embedding the UNet reads (LCM), not classifier-free guidance.
-    guidance_embedded: bool
-    default_size: int
-    summary: str
+    lora: Repo | None = None  # fused into the UNet at setup
+    scheduler: str | None = None  # replaces the repo's scheduler class (keeping its config); None keeps it
     # The tiny autoencoder (TAESD / TAESDXL) that decodes the same latents ~10x faster: the `fast_decode` input.
     tiny_vae: Repo | None = None
 
-    def guidance_allowed(self, value: float) -> bool:
-        if value in self.guidance_values:
-            return True
-        return self.guidance_range is not None and self.guidance_range[0] <= value <= self.guidance_range[1]
 
-    def describe_guidance(self) -> str:
-        parts = [f"exactly {v:g}" for v in self.guidance_values]
-        if self.guidance_range:
-            parts.append(f"{self.guidance_range[0]:g} to {self.guidance_range[1]:g}")
-        return " or ".join(parts)
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    title: str  # what the weights are called: "SDXL Turbo", "SDXL base + LCM-LoRA"
+    family: str  # which pipeline classes run it
+    base_model: str  # what its UNet was trained from (a style LoRA must be made for it): "SDXL", "SD 1.5"
+    steps: Steps
+    guidance: Guidance
+    size: int  # default width and height; img2img keeps this many pixels at the input's aspect ratio
+    weights: Weights
+
+    @property
+    def summary(self) -> str:
+        guidance = ("guidance embedded in the UNet" if self.guidance.embedded else
+                    "no guidance" if not self.guidance.range else f"guidance {self.guidance.short()}")
+        return f"{self.title}: {self.steps.range[0]}-{self.steps.range[1]} steps, {guidance}, {self.size}px"
 
     def negative_prompt_has_effect(self, guidance: float) -> bool:
         """A negative prompt only acts through classifier-free guidance, which runs at guidance > 1."""
-        return not self.guidance_embedded and guidance > 1
+        return not self.guidance.embedded and guidance > 1
 
     @property
     def repos(self) -> tuple[Repo, ...]:
-        return tuple(r for r in (self.repo, self.lora, self.tiny_vae) if r is not None)
+        w = self.weights
+        return tuple(r for r in (w.repo, w.lora, w.tiny_vae) if r is not None)
 
 
 SDXL_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae")
@@ -97,19 +129,60 @@ TAESDXL = Repo("madebyollin/taesdxl", None, (TINY_VAE,), "MIT")
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
-        Mode("sdxl-turbo", SDXL, SDXL_TURBO, None, None, 1, (1, 4), 0.0, (0.0,), None, False, 512,
-             "SDXL Turbo: 1-4 steps, no guidance, 512px", TAESDXL),
-        Mode("sd-turbo", SD, SD_TURBO, None, None, 1, (1, 4), 0.0, (0.0,), None, False, 512,
-             "SD Turbo: 1-4 steps, no guidance, 512px", TAESD),
-        Mode("lcm", LCM, LCM_DREAMSHAPER, None, None, 4, (1, 8), 8.0, (), (1.0, 15.0), True, 768,
-             "LCM Dreamshaper v7: 4-8 steps, guidance embedded in the UNet, 768px", TAESD),
-        Mode("lcm-lora-sdxl", SDXL, SDXL_BASE, LCM_LORA_SDXL, "LCMScheduler", 4, (2, 8), 1.0, (0.0,), (1.0, 2.0),
-             False, 1024, "SDXL base + LCM-LoRA: 2-8 steps, guidance 0 or 1-2, 1024px", TAESDXL),
-        Mode("lcm-lora-sd15", SD, SD15, LCM_LORA_SD15, "LCMScheduler", 4, (2, 8), 1.0, (0.0,), (1.0, 2.0),
-             False, 512, "SD 1.5 + LCM-LoRA: 2-8 steps, guidance 0 or 1-2, 512px", TAESD),
+        Mode(name="sdxl-turbo", title="SDXL Turbo", family=SDXL, base_model="SDXL",
+             steps=Steps(default=1, range=(1, 4)), guidance=Guidance(default=0.0, values=(0.0,)), size=512,
+             weights=Weights(repo=SDXL_TURBO, tiny_vae=TAESDXL)),
+        Mode(name="sd-turbo", title="SD Turbo", family=SD, base_model="SD 2.1",
+             steps=Steps(default=1, range=(1, 4)), guidance=Guidance(default=0.0, values=(0.0,)), size=512,
+             weights=Weights(repo=SD_TURBO, tiny_vae=TAESD)),
+        Mode(name="lcm", title="LCM Dreamshaper v7", family=LCM, base_model="SD 1.5",
+             steps=Steps(default=4, range=(1, 8)), guidance=Guidance(default=8.0, range=(1.0, 15.0), embedded=True),
+             size=768, weights=Weights(repo=LCM_DREAMSHAPER, tiny_vae=TAESD)),
+        Mode(name="lcm-lora-sdxl", title="SDXL base + LCM-LoRA", family=SDXL, base_model="SDXL",
+             steps=Steps(default=4, range=(2, 8)), guidance=Guidance(default=1.0, values=(0.0,), range=(1.0, 2.0)),
+             size=1024, weights=Weights(repo=SDXL_BASE, lora=LCM_LORA_SDXL, scheduler="LCMScheduler", tiny_vae=TAESDXL)),
+        Mode(name="lcm-lora-sd15", title="SD 1.5 + LCM-LoRA", family=SD, base_model="SD 1.5",
+             steps=Steps(default=4, range=(2, 8)), guidance=Guidance(default=1.0, values=(0.0,), range=(1.0, 2.0)),
+             size=512, weights=Weights(repo=SD15, lora=LCM_LORA_SD15, scheduler="LCMScheduler", tiny_vae=TAESD)),
     )
 }
 DEFAULT_MODE = "sdxl-turbo"
+
+
+# -- what the table says, for the predictor's inputs and the README ------------------------------------------------
+def steps_bounds() -> tuple[int, int]:
+    return min(m.steps.range[0] for m in MODES.values()), max(m.steps.range[1] for m in MODES.values())
+
+
+def guidance_bounds() -> tuple[float, float]:
+    ends = [v for m in MODES.values() for v in (*m.guidance.values, *(m.guidance.range or ()))]
+    return min(ends), max(ends)
+
+
+def steps_help() -> str:
+    return "Denoising steps; default (allowed) per mode: " + "; ".join(
+        f"{m.name} {m.steps.describe()}" for m in MODES.values())
+
+
+def guidance_help() -> str:
+    return "Default (allowed) per mode: " + "; ".join(
+        f"{m.name} {m.guidance.default:g} ({m.guidance.short()})" for m in MODES.values())
+
+
+def markdown_table() -> str:
+    """The README's table of modes."""
+    def link(repo: Repo) -> str:
+        return f"[{repo.repo_id}](https://huggingface.co/{repo.repo_id})"
+
+    rows = ["| `mode` | weights | steps: default (allowed) | guidance: default (allowed) | default size |",
+            "|---|---|---|---|---|"]
+    for m in MODES.values():
+        w = m.weights
+        weights = link(w.repo) + (f" + {link(w.lora)}, fused" if w.lora else "")
+        name = f"`{m.name}`" + (" (default)" if m.name == DEFAULT_MODE else "")
+        rows.append(f"| {name} | {weights} | {m.steps.describe()} | {m.guidance.default:g} ({m.guidance.short()}) "
+                    f"| {m.size}x{m.size} |")
+    return "\n".join(rows) + "\n"
 
 
 def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:

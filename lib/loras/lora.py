@@ -48,6 +48,7 @@ from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from lib.engine.inputs import InputError
+from lib.engine.modes import MODES
 from lib.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,6 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 # Cloud metadata services outside the private ranges (which are refused anyway): Azure's wire server.
 METADATA_ADDRESSES = {ipaddress.ip_address(a) for a in ("168.63.129.16", "169.254.169.254", "fd00:ec2::254",
                                                         "100.100.100.200")}
-# What each mode's UNet was trained from, for error messages.
-BASE_MODELS = {"sdxl-turbo": "SDXL", "lcm-lora-sdxl": "SDXL", "sd-turbo": "SD 2.1", "lcm": "SD 1.5",
-               "lcm-lora-sd15": "SD 1.5"}
 CROSS_ATTENTION_BASES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
 
@@ -519,7 +517,7 @@ def _expected_layers(pipe, state: dict) -> dict[str, set[str]]:
 
 def _mismatch(pipe, mode_name: str, state: dict, expected: dict[str, set[str]], error: Exception | None) -> InputError:
     """The InputError that says how the file does not fit the mode's model."""
-    base = BASE_MODELS.get(mode_name, "this base")
+    base = MODES[mode_name].base_model
     parts = []
     for component, module in _components(pipe).items():
         wanted = expected.get(component, set())
@@ -583,7 +581,7 @@ def _apply(pipe, state: dict, scale: float, mode_name: str) -> None:
     absent = [c for c in expected if c not in components]
     if absent:
         raise InputError(f"lora_url: the file has {COMPONENT_LABELS[absent[0]]} layers, which mode {mode_name}'s model "
-                         f"({BASE_MODELS.get(mode_name, '?')}) does not have; it was made for another base model "
+                         f"({MODES[mode_name].base_model}) does not have; it was made for another base model "
                          f"(e.g. SDXL)")
     levels = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity(logging.CRITICAL)  # our own message says what did not fit

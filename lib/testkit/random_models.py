@@ -152,11 +152,11 @@ def build_components(mode: Mode, *, device, dtype, shared: dict | None = None) -
     import diffusers
 
     shared = {} if shared is None else shared
-    repo, index = mode.repo, model_index(mode.repo.repo_id)
+    repo, index = mode.weights.repo, model_index(mode.weights.repo.repo_id)
     components: dict = {}
     for component in repo.components:
         if component == "scheduler":
-            cls = getattr(diffusers, mode.scheduler or index["scheduler"][1])
+            cls = getattr(diffusers, mode.weights.scheduler or index["scheduler"][1])
             components[component] = cls.from_config(real_config(repo.repo_id, "scheduler/scheduler_config.json"))
             continue
         if component.startswith("tokenizer"):
@@ -185,12 +185,12 @@ def build_modes(mode_names, *, device, dtype) -> dict:
         mode = MODES[name]
         started = time.perf_counter()
         components = build_components(mode, device=device, dtype=dtype, shared=shared)
-        force_zeros = model_index(mode.repo.repo_id).get("force_zeros_for_empty_prompt", True)
+        force_zeros = model_index(mode.weights.repo.repo_id).get("force_zeros_for_empty_prompt", True)
         modes[name] = assemble(mode, components, force_zeros)
-        if mode.tiny_vae:  # TAESD / TAESDXL, shared like the loader shares it
-            key = ("AutoencoderTiny", mode.tiny_vae.repo_id)
+        if mode.weights.tiny_vae:  # TAESD / TAESDXL, shared like the loader shares it
+            key = ("AutoencoderTiny", mode.weights.tiny_vae.repo_id)
             if key not in shared:
-                shared[key] = build_component(mode.tiny_vae.repo_id, "taesd", device=device, dtype=dtype)
+                shared[key] = build_component(mode.weights.tiny_vae.repo_id, "taesd", device=device, dtype=dtype)
             modes[name].tiny_vae = shared[key]
         log.info("built %s (full size, random weights) in %.1f s", name, time.perf_counter() - started)
     return modes

@@ -228,7 +228,7 @@ def write_safety_checker(repo: Repo, component: str, repo_dir: Path, scale: Scal
 
 def lora_base(repo: Repo) -> Repo:
     """The repo whose UNet a LoRA repo is fused into, from the mode table."""
-    return next(m.repo for m in MODES.values() if m.lora == repo)
+    return next(m.weights.repo for m in MODES.values() if m.weights.lora == repo)
 
 
 def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
