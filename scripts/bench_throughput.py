@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from datetime import date

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lib.testkit.environment import environment
 
@@ -44,3 +45,15 @@ def run(predictor):
         return paths, metrics
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad image inputs, by the name the invalid-input cases give them."""
+    d = tmp_path_factory.mktemp("bad-inputs")
+    (d / "notes.txt").write_text("not an image")
+    Image.new("L", (5000, 4000)).save(d / "huge.png")  # 20 MP, a few KB on disk
+    Image.new("RGB", (300, 300), "red").save(d / "photo.png")
+    (d / "truncated.png").write_bytes((d / "photo.png").read_bytes()[:200])
+    return {"@text": d / "notes.txt", "@huge": d / "huge.png", "@photo": d / "photo.png",
+            "@truncated": d / "truncated.png"}

@@ -1,7 +1,6 @@
 """Every invalid input fails with a clear error naming the input, and the predictor keeps working."""
 
 import pytest
-from PIL import Image
 
 from lib.engine.inputs import InputError
 from lib.engine.modes import MODES
@@ -47,17 +46,6 @@ GENERAL_CASES = [
     pytest.param(dict(image="@huge"), "image", id="image-too-many-pixels"),
     pytest.param(dict(image="@truncated"), "image", id="image-truncated"),
 ]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bad-inputs")
-    (d / "notes.txt").write_text("not an image")
-    Image.new("L", (5000, 4000)).save(d / "huge.png")  # 20 MP, a few KB on disk
-    Image.new("RGB", (300, 300), "red").save(d / "photo.png")
-    (d / "truncated.png").write_bytes((d / "photo.png").read_bytes()[:200])
-    return {"@text": d / "notes.txt", "@huge": d / "huge.png", "@photo": d / "photo.png",
-            "@truncated": d / "truncated.png"}
 
 
 @pytest.mark.parametrize("inputs, named", [*mode_limit_cases(), *GENERAL_CASES])

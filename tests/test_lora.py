@@ -18,7 +18,7 @@ import torch
 import urllib3.util.connection
 from safetensors.torch import save, save_file
 
-from lib.loras import lora
+from lib.loras import apply, cache, check, fetch
 from lib.engine.engine import Cancelled
 from lib.engine.inputs import InputError
 from lib.testkit.servers import FaultProxy, Nginx
@@ -160,8 +160,8 @@ def test_text_encoder_layers_are_applied(predictor, server):
     pipe = predictor.engine.modes["lcm"].txt2img
     ids = pipe.tokenizer(["a fox"], return_tensors="pt").input_ids
     plain = pipe.text_encoder(ids)[0]
-    with lora.style_lora(pipe, lora.fetch(f"{server.url}/kohya-sd15.safetensors"), 1.0, "lcm"):
-        assert lora._adapter_layers(pipe.text_encoder)
+    with apply.style_lora(pipe, cache.fetch(f"{server.url}/kohya-sd15.safetensors"), 1.0, "lcm"):
+        assert apply._adapter_layers(pipe.text_encoder)
         assert not torch.equal(plain, pipe.text_encoder(ids)[0])
     assert torch.equal(plain, pipe.text_encoder(ids)[0])
 
@@ -186,7 +186,7 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
     mode = MODES["lcm-lora-sd15"]
     pipe = predictor.engine.modes[mode.name].txt2img
     before = snapshot(pipe)
-    style = lora.fetch(f"{server.url}/kohya-sd15-b.safetensors")
+    style = cache.fetch(f"{server.url}/kohya-sd15-b.safetensors")
     g = torch.Generator().manual_seed(0)
     sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, pipe.unet.config.cross_attention_dim,
                                                                      generator=g)
@@ -196,14 +196,14 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
             return p.unet(sample, 500, text).sample
 
     fused_plain = unet_out(pipe)
-    with lora.style_lora(pipe, style, 0.7, mode.name):
+    with apply.style_lora(pipe, style, 0.7, mode.name):
         fused_styled = unet_out(pipe)
 
     reference = StableDiffusionPipeline.from_pretrained(
         tiny_weights / mode.weights.repo.repo_id, variant="fp16", dtype=torch.float32, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     reference.load_lora_weights(tiny_weights / mode.weights.lora.repo_id, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
-    reference.load_lora_weights(lora.load_state_dict(style), adapter_name="style")
+    reference.load_lora_weights(apply.load_state_dict(style), adapter_name="style")
     reference.set_adapters(["lcm", "style"], [1.0, 0.7])
     two_adapters = unet_out(reference)
     reference.set_adapters(["lcm"], [1.0])
@@ -222,7 +222,7 @@ def test_fused_qkv_attention_is_bypassed_while_the_lora_is_on_and_restored(tiny_
     from lib.engine.loading import load_modes
 
     pipe = load_modes(tiny_weights, ("sd-turbo",), torch.device("cpu"), torch.float32)["sd-turbo"].txt2img
-    style = lora.fetch(f"{server.url}/peft-sd-turbo.safetensors")
+    style = cache.fetch(f"{server.url}/peft-sd-turbo.safetensors")
     g = torch.Generator().manual_seed(0)
     sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, pipe.unet.config.cross_attention_dim,
                                                                      generator=g)
@@ -231,12 +231,12 @@ def test_fused_qkv_attention_is_bypassed_while_the_lora_is_on_and_restored(tiny_
         with torch.no_grad():
             return pipe.unet(sample, 500, text).sample
 
-    with lora.style_lora(pipe, style, 1.0, "sd-turbo"):
+    with apply.style_lora(pipe, style, 1.0, "sd-turbo"):
         unfused_styled = unet_out()
     pipe.unet.fuse_qkv_projections()
     processors = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
     fused_plain = unet_out()
-    with lora.style_lora(pipe, style, 1.0, "sd-turbo"):
+    with apply.style_lora(pipe, style, 1.0, "sd-turbo"):
         assert torch.allclose(unet_out(), unfused_styled, atol=1e-5)
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors
     assert torch.equal(unet_out(), fused_plain)
@@ -317,7 +317,7 @@ def test_size_is_checked_while_streaming(tmp_path, case, message):
     else:
         chunks = chunks[:-1]
     with pytest.raises(InputError, match=message):
-        lora._stream(FakeResponse(chunks), tmp_path / "x.part", limit, deadline=float("inf"))
+        fetch._stream(FakeResponse(chunks), tmp_path / "x.part", limit, deadline=float("inf"))
 
 
 @pytest.mark.parametrize("url,reason", [
@@ -338,7 +338,7 @@ def test_size_is_checked_while_streaming(tmp_path, case, message):
 def test_http_and_inward_addresses_are_refused_without_the_switch(monkeypatch, url, reason):
     monkeypatch.delenv("LORA_ALLOW_HTTP")
     with pytest.raises(InputError) as err:
-        lora.fetch(url)
+        cache.fetch(url)
     assert str(err.value).startswith("lora_url: ") and reason in str(err.value)
     assert "secret" not in str(err.value)
 
@@ -367,7 +367,7 @@ def test_host_names_are_checked_on_every_address_they_resolve_to(monkeypatch):
                       ("metadata.example", "169.254.169.254, a cloud metadata address"),
                       ("mixed.example", "127.0.0.1, a loopback address"), ("localhost", "a loopback address")):
         with pytest.raises(InputError, match=f"lora_url: host {host} resolves to .*{why}"):
-            lora.fetch(f"https://{host}/style.safetensors")
+            cache.fetch(f"https://{host}/style.safetensors")
     assert not connected
 
 
@@ -407,12 +407,12 @@ def test_redirects_are_followed_and_every_hop_is_checked(server):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        fetched = lora.fetch(f"{base}/style")
-        assert fetched.read() == lora.fetch(Redirects.target).read()
+        fetched = cache.fetch(f"{base}/style")
+        assert fetched.read() == cache.fetch(Redirects.target).read()
         with pytest.raises(InputError, match="lora_url: file:///etc/passwd is not an https URL"):
-            lora.fetch(f"{base}/to-file")
+            cache.fetch(f"{base}/to-file")
         with pytest.raises(InputError, match="more than 5 redirects"):
-            lora.fetch(f"{base}/loop/0")
+            cache.fetch(f"{base}/loop/0")
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -429,35 +429,35 @@ def test_cache_hit_skips_the_download_and_lru_eviction_keeps_the_budget(run, ser
     _, second = run(**BASE, mode="lcm", lora_url=urls[0])
     assert (first["lora_cache_hit"], second["lora_cache_hit"]) == (False, True)
     assert len(server.requests("GET", names[0])) == 1
-    assert (lora_env / f"{lora.cache_key(urls[0])}.safetensors").read_bytes() == (files / names[0]).read_bytes()
+    assert (lora_env / f"{cache.cache_key(urls[0])}.safetensors").read_bytes() == (files / names[0]).read_bytes()
 
     # Room for two: fetch a, b; use a again (b is now least recently used); fetching c evicts b, keeps a.
     monkeypatch.setenv("LORA_CACHE_BYTES", str(sizes[0] + max(sizes[1:]) + 10))
-    lora.fetch(urls[1])
-    assert lora.fetch(urls[0]).cached
-    lora.fetch(urls[2])
+    cache.fetch(urls[1])
+    assert cache.fetch(urls[0]).cached
+    cache.fetch(urls[2])
     kept = {p.name for p in lora_env.glob("*.safetensors")}
-    assert kept == {f"{lora.cache_key(u)}.safetensors" for u in (urls[0], urls[2])}
+    assert kept == {f"{cache.cache_key(u)}.safetensors" for u in (urls[0], urls[2])}
     assert sum(p.stat().st_size for p in lora_env.glob("*.safetensors")) <= sizes[0] + max(sizes[1:]) + 10
-    assert not lora.fetch(urls[1]).cached  # evicted: downloaded again
+    assert not cache.fetch(urls[1]).cached  # evicted: downloaded again
     assert len(server.requests("GET", names[1])) == 2
 
 
 def test_a_fetched_lora_survives_its_eviction_until_it_runs(server, lora_env, monkeypatch):
-    held = lora.fetch(f"{server.url}/kohya-sd15-b.safetensors")
+    held = cache.fetch(f"{server.url}/kohya-sd15-b.safetensors")
     monkeypatch.setenv("LORA_CACHE_BYTES", "1")
-    lora.fetch(f"{server.url}/kohya-sd15-c.safetensors")
+    cache.fetch(f"{server.url}/kohya-sd15-c.safetensors")
     assert not held.path.exists()
-    assert lora.load_state_dict(held)  # still readable through the job's open file
+    assert apply.load_state_dict(held)  # still readable through the job's open file
 
 
 def test_cached_load_is_fast(predictor, server):
     url = f"{server.url}/kohya-sd15-b.safetensors"
-    lora.fetch(url)
-    hit = lora.fetch(url)
+    cache.fetch(url)
+    hit = cache.fetch(url)
     assert hit.cached and hit.seconds < 0.5
     pipe = predictor.engine.modes["lcm"].txt2img
-    with lora.style_lora(pipe, hit, 1.0, "lcm"):
+    with apply.style_lora(pipe, hit, 1.0, "lcm"):
         pass  # applying + removing a tiny LoRA: well under a second even on a small CPU (measured in the docs)
 
 
@@ -527,27 +527,27 @@ def test_lycoris_and_foreign_layouts_are_refused_clearly(predictor):
     loha = {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 4),
             "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(1.0)}
     with pytest.raises(InputError, match=r"lora_url: not a LoRA layout that can be read \(kohya or diffusers/peft\)"):
-        with lora.style_lora(pipe, loha, 1.0, "lcm"):
+        with apply.style_lora(pipe, loha, 1.0, "lcm"):
             pass
     flux = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
             "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}
     with pytest.raises(InputError, match="lora_url: the file has layers for transformer"):
-        with lora.style_lora(pipe, flux, 1.0, "lcm"):
+        with apply.style_lora(pipe, flux, 1.0, "lcm"):
             pass
     assert_untouched(pipe, before)
 
 
 def test_header_check_unit():
     good = save({"a": torch.zeros(3)})
-    assert lora.check_header(good)[1] == len(good)
-    assert lora.check_header(good[:5]) is None
+    assert check.check_header(good)[1] == len(good)
+    assert check.check_header(good[:5]) is None
     buffer = io.BytesIO()
     torch.save({"a": torch.zeros(3)}, buffer)
     with pytest.raises(InputError, match="zip archive"):
-        lora.check_header(buffer.getvalue())
+        check.check_header(buffer.getvalue())
     with pytest.raises(InputError, match="pickle"):
-        lora.check_header(pickle.dumps({"a": 1}, protocol=4))
+        check.check_header(pickle.dumps({"a": 1}, protocol=4))
     bad = bytearray(good)
     bad[8:9] = b"["
     with pytest.raises(InputError):
-        lora.check_header(bytes(bad))
+        check.check_header(bytes(bad))

@@ -20,7 +20,7 @@ from lib.engine.images import EXIF_IMAGE_DESCRIPTION
 from lib.engine.modes import MODES
 from lib.testkit.cog_server import (WEBHOOK_TOKEN, CogServer, WebhookSink, decode_output, input_error, shared_server,
                                style_lora_url)
-from tests.test_invalid_inputs import GENERAL_CASES, files, mode_limit_cases  # noqa: F401  (files: a fixture)
+from tests.test_invalid_inputs import GENERAL_CASES, mode_limit_cases
 
 MIME = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
 PIL_FORMAT = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
@@ -163,7 +163,7 @@ def as_http_value(value, files):
 
 
 @pytest.mark.parametrize("inputs, named", [*mode_limit_cases(), *GENERAL_CASES])
-def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files, inputs, named):  # noqa: F811
+def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files, inputs, named):
     body = {"prompt": "a cat", "width": 256, "height": 256,
             **{k: as_http_value(v, files) for k, v in inputs.items()}}
     if any(isinstance(v, float) and not math.isfinite(v) for v in body.values()):

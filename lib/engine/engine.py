@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from PIL import Image
 from lib.engine import decoding, images, memory, precision, speed
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
-from lib.loras.lora import LoraFile, fetch as fetch_lora, style_lora
+from lib.loras.apply import style_lora
+from lib.loras.cache import LoraFile, fetch as fetch_lora
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
 from lib.engine.safety import AllImagesFlagged, SafetyChecker, check_present as check_safety_weights

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lib.atomic import replacing
 from lib.engine.inputs import InputError
 from lib.settings import Settings
 
@@ -77,9 +77,8 @@ def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings:
         options["method"] = Settings().speed_webp_method
     if fmt == "png":
         options["compress_level"] = 1  # PNG is lossless either way; level 1 is ~5x faster than 6
-    tmp = path.with_name(path.name + ".part")
-    image.save(tmp, PIL_FORMATS[fmt], **options)
-    os.replace(tmp, path)
+    with replacing(path, suffix=".part") as tmp:
+        image.save(tmp, PIL_FORMATS[fmt], **options)
     return path
 
 

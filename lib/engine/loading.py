@@ -13,7 +13,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -37,7 +37,6 @@ LoRA fusing is not a switch: the LCM-LoRAs are always fused at load (lib/loading
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections import Counter

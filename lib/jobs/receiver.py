@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from lib.atomic import write_atomically
 from lib.jobs.ledger import TERMINAL, Ledger
 from lib.jobs.webhooks import AuthError, Authenticator
 
@@ -43,22 +44,6 @@ def fetch_output(value: str, timeout: float = 120) -> tuple[bytes, str]:
         ext = Path(urllib.parse.urlparse(value).path).suffix.lstrip(".").lower()
         return body, ext if re.fullmatch(r"[a-z0-9]{1,5}", ext) else EXTENSIONS.get(mime, "bin")
     raise ValueError(f"output {value[:60]!r} is neither a data URI nor a URL")
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Durably: a crash leaves the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself survives a crash too
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 # -- the receiver -----------------------------------------------------------------------------------------
@@ -117,7 +102,8 @@ class Receiver:
                 continue
             data, ext = fetch_output(value)
             path = self.out_dir / key / f"{i}.{ext}"
-            write_file(path, data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, data, durable=True)  # a crash leaves the old file or the new one
             files[i] = str(path)
         return files
 

@@ -19,16 +19,16 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
+from lib.atomic import write_atomically, write_json
 from lib.settings import Settings
 from lib.weights.download import (SHA256_RE, Downloader, Mismatch, PinMismatch, Probe, Transfer, Tuning, WeightsError,
-                       git_blob_sha1, human, write_json)
+                       git_blob_sha1, human)
 from lib.engine.modes import MODES, all_repos, repo_files
 
 __all__ = ["WeightsError", "PinMismatch", "ensure_weights", "verify_weights", "pin", "repo_files", "load_manifest",
@@ -152,9 +152,7 @@ def manifest_text(data: dict) -> str:
 
 
 def write_manifest(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest_text(data))
-    os.replace(tmp, path)
+    write_atomically(path, manifest_text(data))
 
 
 def manifest_for_tree(root: Path, revision: str = "main") -> dict:

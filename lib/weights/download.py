@@ -39,6 +39,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
+from lib.atomic import write_json
 from lib.settings import Settings
 
 BLOCK = 1 << 20  # read/write unit: big enough to keep Python's per-call overhead small
@@ -648,12 +649,6 @@ def _unvouched(job: Transfer, sha256: str, git_sha1: str | None) -> str | None:
     if p and p.git_sha1 and git_sha1 != p.git_sha1:
         return f"git blob SHA-1 {git_sha1}, but the Hub's ETag says {p.git_sha1}"
     return None
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _first(headers: list, name: str) -> str | None:
