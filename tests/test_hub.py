@@ -20,7 +20,8 @@ import pytest
 
 from lib.weights.download import PinMismatch, Tuning, WeightsError
 from lib.engine.modes import all_repos, repo_files
-from lib.weights.cache import ensure_weights, manifest_for_tree, write_manifest
+from lib.weights.cache import ensure_weights
+from lib.weights.manifest import manifest_for_tree, write_manifest
 from lib.testkit.hub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -147,7 +147,7 @@ def test_safety_checker_off_switch_and_what_it_fetches(monkeypatch, tiny_weights
     from lib.engine.loading import WeightsMissingError
     from lib.engine.modes import MODES, SAFETY_CHECKER, SD15, all_repos
     from lib.engine.safety import SafetyChecker, load_from_env
-    from lib.weights.cache import DEFAULT_MANIFEST, Lock, load_manifest, plan
+    from lib.weights.manifest import DEFAULT_MANIFEST, Lock, load_manifest, plan
 
     monkeypatch.setenv("SAFETY_CHECKER", "0")
     assert load_from_env(tiny_weights, torch.device("cpu"), torch.float32) is None

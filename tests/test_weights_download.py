@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.weights import cache as weights
+from lib.weights import cache
+from lib.weights import manifest as manifests
 from lib.weights.download import Tuning, WeightsError
 from lib.engine.modes import MODES, all_repos
 from lib.engine.modes import repo_files
@@ -198,8 +199,8 @@ def test_lost_marker_rehashes_instead_of_downloading_and_full_verify_finds_bit_r
 
 
 def _entry(env, path, repo_id="stabilityai/sd-turbo"):
-    return next(e for e in weights.plan(["sd-turbo", "sdxl-turbo"], weights.load_manifest(env.manifest),
-                                        weights.Lock(weights.lock_path(env.manifest)), env.manifest)
+    return next(e for e in manifests.plan(["sd-turbo", "sdxl-turbo"], manifests.load_manifest(env.manifest),
+                                        manifests.Lock(manifests.lock_path(env.manifest)), env.manifest)
                 if e.path == path and e.repo_id == repo_id)
 
 
@@ -274,7 +275,7 @@ def test_a_stall_is_retried_and_a_dead_server_is_a_clear_error(env):
 
 
 def test_not_enough_disk_fails_before_any_download(env, monkeypatch):
-    monkeypatch.setattr(weights, "free_bytes", lambda path: 50 * MiB)
+    monkeypatch.setattr(cache, "free_bytes", lambda path: 50 * MiB)
     with pytest.raises(WeightsError) as err:
         env.ensure()
     msg = str(err.value)
@@ -399,7 +400,7 @@ def test_script_reports_errors_without_a_traceback(env):
 
 # -- the tracked manifest -------------------------------------------------------------------------------------
 def test_tracked_manifest_lists_every_file_the_modes_load():
-    manifest = weights.load_manifest(weights.DEFAULT_MANIFEST)
+    manifest = manifests.load_manifest(manifests.DEFAULT_MANIFEST)
     for repo in all_repos(MODES, safety_checker=True):
         assert sorted(manifest["repos"][repo.repo_id]["files"]) == sorted(repo_files(repo)), repo.repo_id
     # The SDXL text encoders of sdxl-turbo and sdxl-base are one file: the cache stores it once.
@@ -411,7 +412,7 @@ def test_tracked_manifest_lists_every_file_the_modes_load():
 def test_tracked_manifest_is_what_the_generator_makes():
     from lib.weights.cli import build_manifest
 
-    tracked = weights.load_manifest(weights.DEFAULT_MANIFEST)
+    tracked = manifests.load_manifest(manifests.DEFAULT_MANIFEST)
     assert build_manifest(tracked) == tracked
 
 
@@ -430,7 +431,7 @@ def test_every_pinned_small_file_hash_is_the_shipped_files():
     """A pinned config must be the file shipped in lib/configs, byte for byte (the tiny models are built from
     those files, so a pin that only agrees with itself would go unnoticed)."""
     checked, unshipped = 0, set()
-    for repo_id, spec in weights.load_manifest(weights.DEFAULT_MANIFEST)["repos"].items():
+    for repo_id, spec in manifests.load_manifest(manifests.DEFAULT_MANIFEST)["repos"].items():
         for path, pin in spec["files"].items():
             shipped = CONFIGS / repo_id / path
             if path.endswith(".safetensors") or pin["sha256"] is None:
@@ -487,11 +488,11 @@ def test_one_weights_dir_default_for_setup_the_operator_script_and_the_lora_cach
     monkeypatch.delenv("WEIGHTS_DIR", raising=False)
     monkeypatch.delenv("LORA_CACHE_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert Settings().weights_dir == ROOT / "weights" == weights.DEFAULT_MANIFEST.parent
+    assert Settings().weights_dir == ROOT / "weights" == manifests.DEFAULT_MANIFEST.parent
     assert Settings().lora_cache_dir == ROOT / "weights" / ".loras"
     env = {k: v for k, v in os.environ.items() if k not in ("WEIGHTS_DIR", "WEIGHTS_MANIFEST")}
     r = subprocess.run([sys.executable, str(ROOT / "scripts/weights.py"), "status", "--modes", "sd-turbo"],
                        cwd=tmp_path, env={**env, "SAFETY_CHECKER": "0"}, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.startswith(f"cache {ROOT / 'weights'}, manifest {weights.DEFAULT_MANIFEST}")
+    assert r.returncode == 0 and r.stdout.startswith(f"cache {ROOT / 'weights'}, manifest {manifests.DEFAULT_MANIFEST}")
     monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "w"))
     assert Settings().weights_dir == tmp_path / "w" and Settings().lora_cache_dir == tmp_path / "w" / ".loras"

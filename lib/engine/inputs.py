@@ -168,37 +168,14 @@ def resolve_request(
     m = resolve_mode(DEFAULT_MODE if mode is None else mode, enabled)
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
-
-    if width is None or height is None:
-        default_w, default_h = (fit_to_area(*image_size, m.size**2) if image_size
-                                else (m.size, m.size))
-        width = default_w if width is None else width
-        height = default_h if height is None else height
-    width, height = _size("width", width), _size("height", height)
-
-    steps = m.steps.default if num_inference_steps is None else num_inference_steps
-    lo, hi = m.steps.range
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or not lo <= steps <= hi:
-        raise InputError(f"num_inference_steps: {steps!r} is not allowed for mode {m.name}; allowed: {lo} to {hi}")
-    guidance = m.guidance.default if guidance_scale is None else _number("guidance_scale", guidance_scale)
-    if not m.guidance.allows(guidance):
-        raise InputError(f"guidance_scale: {guidance:g} is not allowed for mode {m.name}; "
-                         f"allowed: {m.guidance.describe()}")
-
+    width, height = resolve_size(m, width, height, image_size)
+    steps, guidance = resolve_steps(m, num_inference_steps), resolve_guidance(m, guidance_scale)
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"output_format: {output_format!r} is not a format; allowed: {', '.join(OUTPUT_FORMATS)}")
-    strength = _number("strength", strength)
-    if not STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]:
-        raise InputError(f"strength: {strength:g} is out of range; allowed: {STRENGTH_RANGE[0]:g} to "
-                         f"{STRENGTH_RANGE[1]:g}")
-    lora_scale = _number("lora_scale", lora_scale)
-    if not LORA_SCALE_RANGE[0] <= lora_scale <= LORA_SCALE_RANGE[1]:
-        raise InputError(f"lora_scale: {lora_scale:g} is out of range; allowed: {LORA_SCALE_RANGE[0]:g} to "
-                         f"{LORA_SCALE_RANGE[1]:g}")
-    if not isinstance(disable_safety_checker, bool):
-        raise InputError(f"disable_safety_checker: {disable_safety_checker!r} is not true or false")
-    if not isinstance(fast_decode, bool):
-        raise InputError(f"fast_decode: {fast_decode!r} is not true or false")
+    strength = _in_range("strength", strength, STRENGTH_RANGE)
+    lora_scale = _in_range("lora_scale", lora_scale, LORA_SCALE_RANGE)
+    disable_safety_checker = _switch("disable_safety_checker", disable_safety_checker)
+    fast_decode = _switch("fast_decode", fast_decode)
     return Request(
         mode=m,
         prompt=prompt,
@@ -206,7 +183,7 @@ def resolve_request(
         width=width,
         height=height,
         num_outputs=_integer("num_outputs", num_outputs, *NUM_OUTPUTS_RANGE),
-        num_inference_steps=int(steps),
+        num_inference_steps=steps,
         guidance_scale=guidance,
         seed=secrets.randbits(32) if seed is None else _integer("seed", seed, *SEED_RANGE),
         image_path=None if image is None else str(image),
@@ -218,3 +195,41 @@ def resolve_request(
         disable_safety_checker=disable_safety_checker,
         fast_decode=fast_decode,
     )
+
+
+def resolve_size(mode: Mode, width, height, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The output size: as given, else the mode's (img2img: the input's aspect ratio at the mode's pixel count)."""
+    if width is None or height is None:
+        default_w, default_h = fit_to_area(*image_size, mode.size**2) if image_size else (mode.size, mode.size)
+        width = default_w if width is None else width
+        height = default_h if height is None else height
+    return _size("width", width), _size("height", height)
+
+
+def resolve_steps(mode: Mode, value) -> int:
+    steps = mode.steps.default if value is None else value
+    lo, hi = mode.steps.range
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or not lo <= steps <= hi:
+        raise InputError(f"num_inference_steps: {steps!r} is not allowed for mode {mode.name}; allowed: {lo} to {hi}")
+    return int(steps)
+
+
+def resolve_guidance(mode: Mode, value) -> float:
+    guidance = mode.guidance.default if value is None else _number("guidance_scale", value)
+    if not mode.guidance.allows(guidance):
+        raise InputError(f"guidance_scale: {guidance:g} is not allowed for mode {mode.name}; "
+                         f"allowed: {mode.guidance.describe()}")
+    return guidance
+
+
+def _in_range(name: str, value, bounds: tuple[float, float]) -> float:
+    value = _number(name, value)
+    if not bounds[0] <= value <= bounds[1]:
+        raise InputError(f"{name}: {value:g} is out of range; allowed: {bounds[0]:g} to {bounds[1]:g}")
+    return value
+
+
+def _switch(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: {value!r} is not true or false")
+    return value

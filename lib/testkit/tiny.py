@@ -295,7 +295,7 @@ def write_tiny_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
 def write_tiny_mirror(mirror: Path) -> dict:
     """The tiny repos as a mirror in the Hub's `resolve` layout plus their manifest: serving `mirror` over HTTP
     and setting WEIGHTS_BASE_URL and WEIGHTS_MANIFEST=mirror/manifest.json lets setup() download them."""
-    from lib.weights.cache import manifest_for_tree, write_manifest
+    from lib.weights.manifest import manifest_for_tree, write_manifest
 
     mirror = Path(mirror)
     with tempfile.TemporaryDirectory() as tmp:

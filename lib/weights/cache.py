@@ -1,9 +1,6 @@
-"""The weights cache: which files the enabled modes need, whether WEIGHTS_DIR holds them verified, and
-fetching what is missing or wrong (the transfer itself is lib/download.py).
+"""The weights cache: whether WEIGHTS_DIR holds the files the enabled modes need, verified, and fetching what is
+missing or wrong (the manifest: lib/weights/manifest.py; the transfer: lib/weights/download.py).
 
-- weights/manifest.json (tracked) lists per Hub repo a revision and every file the modes load, with size
-  and sha256 (null where not known). weights/manifest.lock.json beside it records what first downloads
-  learned: the commit a revision resolved to (X-Repo-Commit) and the hashes the manifest leaves null.
 - WEIGHTS_DIR/<repo_id>/<path_in_repo> is what the engine loads. Bookkeeping lives in WEIGHTS_DIR/.cache/:
   verified/ (a marker per file: size, mtime, inode and sha256 when it was verified; the warm check costs a
   stat and a marker read), partial/ (resumable downloads), tmp/, and lock (one process fills it at a time).
@@ -13,256 +10,21 @@ fetching what is missing or wrong (the transfer itself is lib/download.py).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
-from urllib.parse import quote
 
-from lib.atomic import write_atomically, write_json
+from lib.atomic import write_json
 from lib.settings import Settings
-from lib.weights.download import (SHA256_RE, Downloader, Mismatch, PinMismatch, Probe, Transfer, Tuning, WeightsError,
-                       git_blob_sha1, human)
-from lib.engine.modes import MODES, all_repos, repo_files
+from lib.weights.download import Downloader, Mismatch, PinMismatch, Probe, Transfer, Tuning, WeightsError, human
+from lib.weights.manifest import (Entry, Lock, Log, manifest_entries, hash_file, hub_from_env, load_manifest, lock_path,
+                                  manifest_path_from_env, plan, repin_command)
 
-__all__ = ["WeightsError", "PinMismatch", "ensure_weights", "verify_weights", "pin", "repo_files", "load_manifest",
-           "Tuning"]
-
-DEFAULT_MANIFEST = Settings({}).weights_manifest  # what WEIGHTS_MANIFEST defaults to
 FREE_MARGIN = 100_000_000  # left free after a download: logs, outputs and the OS need some room too
-
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One file the cache must hold, with what is known of it (manifest first, then the lock)."""
-
-    repo_id: str
-    path: str
-    revision: str  # as the manifest asks
-    commit: str | None  # what the lock pinned that revision to
-    size: int | None
-    sha256: str | None
-
-    @property
-    def label(self) -> str:
-        return f"repo {self.repo_id}, file {self.path}"
-
-    def url(self, base: str) -> str:
-        rev = quote(self.commit or self.revision, safe="")
-        return f"{base}/{quote(self.repo_id)}/resolve/{rev}/{quote(self.path)}"
-
-
-# -- manifest and lock ------------------------------------------------------------------------------------
-def manifest_path_from_env(path: str | Path | None = None) -> Path:
-    return Path(path or Settings().weights_manifest)
-
-
-def hub_from_env(base_url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
-    """(base URL, token) as given, else from WEIGHTS_BASE_URL and HF_TOKEN."""
-    settings = Settings()
-    base = (base_url or settings.weights_base_url).rstrip("/")
-    return base, token if token is not None else settings.hf_token
-
-
-def lock_path(manifest_path: Path) -> Path:
-    return manifest_path.with_name(manifest_path.name.removesuffix(".json") + ".lock.json")
-
-
-def load_manifest(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise WeightsError(f"cannot read the weights manifest {path}: {e}") from None
-    except ValueError as e:
-        raise WeightsError(f"the weights manifest {path} is not valid JSON: {e}") from None
-    repos = data.get("repos") if isinstance(data, dict) else None
-    if not isinstance(repos, dict):
-        raise WeightsError(f"the weights manifest {path} has no 'repos' object")
-    for repo_id, spec in repos.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("revision"), str) \
-                or not isinstance(spec.get("files"), dict):
-            raise WeightsError(f"{path}: repo {repo_id} needs a 'revision' string and a 'files' object")
-        for name, f in spec["files"].items():
-            size, sha = (f.get("size"), f.get("sha256")) if isinstance(f, dict) else ("?", "?")
-            if not (size is None or isinstance(size, int) and size >= 0) \
-                    or not (sha is None or isinstance(sha, str) and SHA256_RE.match(sha)):
-                raise WeightsError(f"{path}: repo {repo_id}, file {name}: 'size' must be a byte count or null "
-                                   "and 'sha256' 64 lowercase hex digits or null")
-    return data
-
-
-class Lock:
-    """manifest.lock.json: commits and hashes learned on first download ("trust on first download").
-
-    Entries are kept per repo with the manifest revision they were learned for: changing the revision in
-    the manifest forgets them. Saving re-reads the file and replays this run's changes, so processes that
-    share the manifest do not erase each other's entries."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = self._read()
-        self.ops: list[tuple] = []
-
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data.get("repos"), dict) else {"version": 1, "repos": {}}
-        except (OSError, ValueError, AttributeError):
-            return {"version": 1, "repos": {}}
-
-    def repo(self, repo_id: str, revision: str) -> dict:
-        r = self.data["repos"].get(repo_id) or {}
-        return r if r.get("revision") == revision else {}
-
-    def pin(self, repo_id: str, revision: str, commit: str) -> None:
-        self._do(("commit", repo_id, revision, commit))
-
-    def learn(self, e: Entry, size: int, sha256: str) -> None:
-        self._do(("file", e.repo_id, e.revision, e.path, {"size": size, "sha256": sha256}))
-
-    def _do(self, op: tuple) -> None:
-        self.ops.append(op)
-        _apply(self.data, op)
-
-    def save(self, log: Log) -> None:
-        if not self.ops:
-            return
-        data = self._read()
-        for op in self.ops:
-            _apply(data, op)
-        try:
-            write_manifest(self.path, data)
-            self.ops.clear()
-        except OSError as e:
-            log(f"weights: cannot write {self.path} ({e}); what this run learned stays in the cache markers only")
-
-
-def manifest_text(data: dict) -> str:
-    """JSON with one line per file (readable diffs of the tracked manifest and lock)."""
-    text = json.dumps(data, indent=1, sort_keys=True)
-    return re.sub(r'\{\n\s*"sha256": (\S+),\n\s*"size": (\S+)\n\s*\}', r'{"sha256": \1, "size": \2}', text) + "\n"
-
-
-def write_manifest(path: Path, data: dict) -> None:
-    write_atomically(path, manifest_text(data))
-
-
-def manifest_for_tree(root: Path, revision: str = "main") -> dict:
-    """A manifest of every mode's repos (and the safety checker's files) from files laid out as
-    root/<repo_id>/<path>, measured."""
-    repos = {}
-    for repo in all_repos(MODES, safety_checker=True):
-        files = {}
-        for path in repo_files(repo):
-            f = Path(root) / repo.repo_id / path
-            if not f.is_file():
-                raise WeightsError(f"repo {repo.repo_id}, file {path}: not found at {f}")
-            files[path] = {"size": f.stat().st_size, "sha256": hash_file(f)}
-        repos[repo.repo_id] = {"revision": revision, "files": files}
-    return {"version": 1, "repos": repos}
-
-
-def _apply(data: dict, op: tuple) -> None:
-    kind, repo_id, revision, *rest = op
-    r = data["repos"].get(repo_id)
-    if not r or r.get("revision") != revision:
-        r = data["repos"][repo_id] = {"revision": revision, "commit": None, "files": {}}
-    if kind == "commit":
-        r["commit"] = rest[0]
-    else:
-        r["files"][rest[0]] = rest[1]
-
-
-def _entries(repo_ids, manifest: dict, lock: Lock) -> list[Entry]:
-    out = []
-    for repo_id in repo_ids:
-        spec = manifest["repos"][repo_id]
-        pinned = lock.repo(repo_id, spec["revision"])
-        learned = pinned.get("files") or {}
-        for path, f in spec["files"].items():
-            seen = learned.get(path) or {}
-            out.append(Entry(repo_id, path, spec["revision"], pinned.get("commit"),
-                             f["size"] if f["size"] is not None else seen.get("size"),
-                             f["sha256"] or seen.get("sha256")))
-    return out
-
-
-def plan(mode_names, manifest: dict, lock: Lock, manifest_path: Path, safety_checker: bool = False) -> list[Entry]:
-    """The files the given modes need (their repos only; with `safety_checker`, also the checker's files but not
-    the rest of its repo), checking the manifest covers what the engine loads."""
-    unknown = [m for m in mode_names if m not in MODES]
-    if unknown:
-        raise WeightsError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
-    repos = all_repos(mode_names, safety_checker)
-    for repo in repos:
-        spec = manifest["repos"].get(repo.repo_id)
-        lacking = [f for f in repo_files(repo) if spec is None or f not in spec["files"]]
-        if lacking:
-            raise WeightsError(f"the weights manifest {manifest_path} lacks repo {repo.repo_id} files "
-                               f"{', '.join(lacking)}; regenerate it (python scripts/weights.py manifest)")
-    wanted = {(r.repo_id, f) for r in repos for f in repo_files(r)}
-    return [e for e in _entries([r.repo_id for r in repos], manifest, lock) if (e.repo_id, e.path) in wanted]
-
-
-def pin(repo_ids, *, manifest_path=None, base_url=None, token=None, revision: str | None = None, log: Log = print,
-        tuning: Tuning | None = None) -> dict:
-    """Pin each repo in the manifest to the commit its revision (or `revision`) resolves to on the Hub, with the
-    size and sha256 the Hub vouches for of every file the manifest lists: LFS files from their X-Linked-Etag
-    (HEAD only), regular files downloaded (they are small) and checked against their git blob SHA-1 ETag.
-    Writes the manifest; returns per repo the old revision, the commit and the files whose pins changed."""
-    manifest_path = manifest_path_from_env(manifest_path)
-    manifest = load_manifest(manifest_path)
-    unknown = [r for r in repo_ids if r not in manifest["repos"]]
-    if unknown:
-        raise WeightsError(f"{manifest_path} has no repo {', '.join(unknown)}; it has {', '.join(manifest['repos'])}")
-    base, token = hub_from_env(base_url, token)
-    entries = [Entry(r, path, revision or manifest["repos"][r]["revision"], None, None, None)
-               for r in repo_ids for path in manifest["repos"][r]["files"]]
-    downloader = Downloader(tuning or Tuning.from_env(), token=token, log=log)
-    commits, values = {}, {}
-    try:
-        for e, p in zip(entries, downloader.probe_all([(e.url(base), e.label) for e in entries])):
-            if not (p.evidence and p.commit):
-                raise WeightsError(f"{e.label}: {base} does not vouch for its files as the Hub does (no X-Repo-Commit "
-                                   "and ETags); pin needs the Hub. For a mirror, `scripts/weights.py mirror` measures "
-                                   "the files instead")
-            if commits.setdefault(e.repo_id, p.commit) != p.commit:
-                raise WeightsError(f"repo {e.repo_id} moved from commit {commits[e.repo_id]} to {p.commit} while "
-                                   "pinning; run pin again")
-            if p.lfs_sha256:
-                values[e.repo_id, e.path] = {"sha256": p.lfs_sha256, "size": p.size}
-                continue
-            data = downloader.fetch_bytes(replace(e, commit=p.commit).url(base), e.label, p.size)
-            if git_blob_sha1(data) != p.git_sha1:
-                raise WeightsError(f"{e.label}: the bytes received do not match the Hub's ETag {p.git_sha1}; try again")
-            values[e.repo_id, e.path] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    finally:
-        downloader.close()
-    report = {}
-    for repo_id in repo_ids:
-        spec = manifest["repos"][repo_id]
-        files = {path: values[repo_id, path] for path in spec["files"]}
-        report[repo_id] = {"revision": spec["revision"], "commit": commits[repo_id],
-                           "changed": [path for path in files if files[path] != spec["files"][path]]}
-        spec.update(revision=commits[repo_id], files=files)
-        log(f"weights: pinned {repo_id} ({report[repo_id]['revision']}) to commit {commits[repo_id]}; "
-            f"{len(report[repo_id]['changed'])} of {len(files)} file pins changed")
-    write_manifest(manifest_path, manifest)
-    return report
-
-
-# -- the cache directory ----------------------------------------------------------------------------------
-def hash_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def free_bytes(path: Path) -> int:
@@ -357,8 +119,7 @@ def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None
     elif not all(cache.verified(e) for e in entries):
         with cache.locked(log):  # re-checks inside: a process we waited for may have fetched it all
             base, token = hub_from_env(base_url, token)
-            _fill(entries, cache, manifest, manifest_path, lock, base, token, log, tuning or Tuning.from_env(),
-                  report)
+            Fill(cache, manifest, manifest_path, lock, base, token, log, tuning or Tuning.from_env(), report).run(entries)
     _learn(entries, cache, lock)
     lock.save(log)
     report["seconds"] = round(time.monotonic() - t0, 3)
@@ -418,75 +179,108 @@ def _learn(entries: list[Entry], cache: Cache, lock: Lock) -> None:
             lock.learn(e, cache.path(e).stat().st_size, sha)
 
 
-def _fill(entries, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock, base: str, token, log: Log,
-          tuning: Tuning, report: dict) -> None:
-    todo = []
-    for e in entries:
-        if cache.verified(e):
-            continue
-        p = cache.path(e)
-        # A file without a valid marker (placed by hand, marker lost): hashing it beats downloading it.
-        if e.sha256 and p.is_file() and e.size in (None, p.stat().st_size):
-            log(f"weights: checking existing {p}")
-            if hash_file(p) == e.sha256:
-                cache.mark(e, e.sha256)
-                report["rehashed"] += 1
-                continue
-        todo.append(e)
-    if not todo:
-        return
-    # Same sha256, one copy: link from a verified file anywhere in the cache, or from this run's download.
-    sources = {sha: cache.path(e) for e in _entries(manifest["repos"], manifest, lock) if (sha := cache.verified(e))}
-    leaders, followers = {}, []
-    for e in todo:
-        if e.sha256 and e.sha256 in sources:
-            cache.link(sources[e.sha256], e)
-            cache.mark(e, e.sha256)
-            report["linked"] += 1
-        elif e.sha256 and e.sha256 in leaders:
-            followers.append(e)
-        else:
-            leaders[e.sha256 or id(e)] = e
-    if not leaders:
-        return
-    downloader = Downloader(tuning, token=token, log=log)
-    try:
-        jobs, resolved = [], {}
-        probed, mismatches = resolve(list(leaders.values()), base, downloader, manifest_path)
-        for e, probe in probed:
-            if e.commit and lock.repo(e.repo_id, e.revision).get("commit") != e.commit:
-                lock.pin(e.repo_id, e.revision, e.commit)
-            job = Transfer(e.label, e.url(base), cache.path(e), cache.partial(e), probe.size, e.sha256, probe, e.size,
-                      repin_command(e.repo_id, manifest_path))
-            jobs.append(job)
-            resolved[job] = e
-        lock.save(log)  # a run killed from here on still fetches the rest from the same commit
-        need = sum(j.size - _allocated(j.partial, j.size) for j in jobs)
-        free = free_bytes(cache.root)
-        if free < need + FREE_MARGIN:
-            raise WeightsError(f"not enough disk space in {cache.root}: {len(jobs)} files need {human(need)} "
-                               f"(+{human(FREE_MARGIN)} headroom), {human(free)} free; free some space or point "
-                               "WEIGHTS_DIR at a bigger disk")
-        log(f"weights: fetching {len(jobs)} files ({human(need)}) from {base} into {cache.root}")
+class Fill:
+    """One run that makes the cache hold what it lacks, in stages: files on disk without a marker are rehashed,
+    files stored under another name are linked, and the rest are resolved at the server (HEAD), checked against
+    the free space and downloaded; equal files in one run are downloaded once and linked."""
 
-        def done(job: Transfer, sha: str) -> None:
-            e = resolved[job]
-            cache.mark(e, sha)
+    def __init__(self, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock, base: str, token, log: Log,
+                 tuning: Tuning, report: dict):
+        self.cache, self.manifest, self.manifest_path, self.lock = cache, manifest, manifest_path, lock
+        self.base, self.token, self.log, self.tuning, self.report = base, token, log, tuning, report
+
+    def run(self, entries: list[Entry]) -> None:
+        todo = self.rehash_unmarked(entries)
+        leaders, followers = self.link_known(todo)
+        if not leaders:
+            return
+        downloader = Downloader(self.tuning, token=self.token, log=self.log)
+        try:
+            transfers, mismatches = self.resolve(leaders, downloader)
+            self.check_space(transfers)
+            mismatches += self.download(downloader, transfers, followers)
+        finally:
+            downloader.close()
+        if mismatches:
+            raise PinMismatch(sorted(mismatches, key=lambda m: m.label))
+
+    def rehash_unmarked(self, entries: list[Entry]) -> list[Entry]:
+        """The entries still to fetch. A file without a valid marker (placed by hand, marker lost) is hashed:
+        that beats downloading it."""
+        cache, todo = self.cache, []
+        for e in entries:
+            if cache.verified(e):
+                continue
+            p = cache.path(e)
+            if e.sha256 and p.is_file() and e.size in (None, p.stat().st_size):
+                self.log(f"weights: checking existing {p}")
+                if hash_file(p) == e.sha256:
+                    cache.mark(e, e.sha256)
+                    self.report["rehashed"] += 1
+                    continue
+            todo.append(e)
+        return todo
+
+    def link_known(self, todo: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """Same sha256, one copy: link from a verified file anywhere in the cache. Returns the entries to download
+        (one per sha256) and those to link from this run's downloads."""
+        cache = self.cache
+        sources = {sha: cache.path(e) for e in manifest_entries(self.manifest["repos"], self.manifest, self.lock)
+                   if (sha := cache.verified(e))}
+        leaders, followers = {}, []
+        for e in todo:
+            if e.sha256 and e.sha256 in sources:
+                cache.link(sources[e.sha256], e)
+                cache.mark(e, e.sha256)
+                self.report["linked"] += 1
+            elif e.sha256 and e.sha256 in leaders:
+                followers.append(e)
+            else:
+                leaders[e.sha256 or id(e)] = e
+        return list(leaders.values()), followers
+
+    def resolve(self, leaders: list[Entry], downloader: Downloader) -> tuple[dict[Transfer, Entry], list[Mismatch]]:
+        """HEAD every file (see `resolve`); the lock pins each repo's commit before any byte is fetched, so a run
+        killed from here on still fetches the rest from the same commit."""
+        transfers = {}
+        probed, mismatches = resolve(leaders, self.base, downloader, self.manifest_path)
+        for e, probe in probed:
+            if e.commit and self.lock.repo(e.repo_id, e.revision).get("commit") != e.commit:
+                self.lock.pin(e.repo_id, e.revision, e.commit)
+            transfer = Transfer(e.label, e.url(self.base), self.cache.path(e), self.cache.partial(e), probe.size,
+                                e.sha256, probe, e.size, repin_command(e.repo_id, self.manifest_path))
+            transfers[transfer] = e
+        self.lock.save(self.log)
+        return transfers, mismatches
+
+    def check_space(self, transfers: dict[Transfer, Entry]) -> None:
+        need = sum(t.size - _allocated(t.partial, t.size) for t in transfers)
+        free = free_bytes(self.cache.root)
+        if free < need + FREE_MARGIN:
+            raise WeightsError(f"not enough disk space in {self.cache.root}: {len(transfers)} files need "
+                               f"{human(need)} (+{human(FREE_MARGIN)} headroom), {human(free)} free; free some space "
+                               "or point WEIGHTS_DIR at a bigger disk")
+        self.log(f"weights: fetching {len(transfers)} files ({human(need)}) from {self.base} into {self.cache.root}")
+
+    def download(self, downloader: Downloader, transfers: dict[Transfer, Entry],
+                 followers: list[Entry]) -> list[Mismatch]:
+        """Every transfer; each file is marked as it lands, and its followers linked. Returns the pin mismatches."""
+        cache, report = self.cache, self.report
+
+        def done(transfer: Transfer, sha: str) -> None:
+            cache.mark(transfers[transfer], sha)
             report["downloaded"] += 1
             for f in followers:
                 if f.sha256 == sha:
-                    cache.link(job.dest, f)
+                    cache.link(transfer.dest, f)
                     cache.mark(f, sha)
                     report["linked"] += 1
 
         try:
-            report["bytes"] = downloader.fetch_all(jobs, done)
+            report["bytes"] = downloader.fetch_all(list(transfers), done)
         except PinMismatch as e:
-            mismatches += e.mismatches
-        if mismatches:
-            raise PinMismatch(sorted(mismatches, key=lambda m: m.label))
-    finally:
-        downloader.close()
+            return e.mismatches
+        return []
 
 
 def resolve(todo: list[Entry], base: str, downloader: Downloader,
@@ -508,11 +302,6 @@ def resolve(todo: list[Entry], base: str, downloader: Downloader,
                                "server's file is not the pinned one; re-pin it in the manifest if trusted")
         out.append((replace(e, commit=commit), p))
     return out, mismatches
-
-
-def repin_command(repo_id: str, manifest_path: Path) -> str:
-    where = "" if Path(manifest_path).resolve() == DEFAULT_MANIFEST.resolve() else f"WEIGHTS_MANIFEST={manifest_path} "
-    return f"{where}python scripts/weights.py pin {repo_id}"
 
 
 def _allocated(path: Path, size: int) -> int:

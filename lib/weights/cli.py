@@ -28,9 +28,10 @@ from pathlib import Path
 
 from lib.engine.modes import MODES, all_repos
 from lib.settings import Settings
-from lib.weights.cache import (Cache, Lock, ensure_weights, hash_file, hub_from_env, load_manifest, lock_path,
-                               manifest_path_from_env, manifest_text, pin, plan, repo_files, resolve, verify_weights,
-                               write_manifest)
+from lib.weights.cache import Cache, ensure_weights, resolve, verify_weights
+from lib.weights.manifest import (Lock, hash_file, hub_from_env, load_manifest, lock_path, manifest_path_from_env,
+                                  manifest_text, plan, repo_files, write_manifest)
+from lib.weights.pin import pin
 from lib.weights.download import Downloader, PinMismatch, Transfer, Tuning, WeightsError, human
 
 ABOUT = ("Weights each mode loads, per Hub repo: revision, and per file size + sha256. null = not known yet: the "
