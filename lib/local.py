@@ -137,11 +137,11 @@ def main() -> int:
 
     os.environ.setdefault("ENABLED_MODES", raw.get("mode", DEFAULT_MODE))
     if args.tiny:
-        from lib.testkit.tiny import write_tiny_weights
+        from lib.testkit.models import write_weights
 
         os.environ["WEIGHTS_OFFLINE"] = "1"  # use the folder as it is: no manifest, no download
         os.environ["WEIGHTS_DIR"] = tiny_dir = tempfile.mkdtemp(prefix="tiny-weights-")
-        write_tiny_weights(Path(tiny_dir))
+        write_weights(Path(tiny_dir))
 
     from predict import Predictor
 

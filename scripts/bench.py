@@ -194,7 +194,7 @@ def measure(engine, mode: str, size: int, steps: int, batch: int, fast_decode: b
 
 
 def run_full(args, device: torch.device, dtype: torch.dtype, results: dict, save) -> None:
-    from lib.testkit import random_models
+    from lib.testkit import models
     from lib.engine import speed
     from lib.engine.engine import Engine
 
@@ -217,9 +217,9 @@ def run_full(args, device: torch.device, dtype: torch.dtype, results: dict, save
             free(device)
             reset_peak(device)
             t0 = time.perf_counter()
-            modes = random_models.build_modes([mode], device=device, dtype=dtype)
+            modes = models.build_modes([mode], device=device, dtype=dtype)
             # The safety checker is on in predict() by default: it is part of the path measured (--no-safety).
-            safety = None if args.no_safety else random_models.build_safety_checker(device=device, dtype=dtype)
+            safety = None if args.no_safety else models.build_safety_checker(device=device, dtype=dtype)
             engine = Engine(modes, device, dtype, safety)
             build_s = time.perf_counter() - t0
             # Warm-up in setup is measured here like setup() does it; the bench's own warm-up runs follow.
@@ -323,9 +323,9 @@ def run_tiny(args) -> dict:
 
     weights = Path(args.weights) if args.weights else Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     if not args.weights:
-        from lib.testkit.tiny import write_tiny_weights
+        from lib.testkit.models import write_weights
 
-        write_tiny_weights(weights)
+        write_weights(weights)
     from lib.testkit.environment import environment
 
     # The bare pipeline runs no safety checker: neither does predict() here, so both do the same work.

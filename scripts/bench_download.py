@@ -107,10 +107,10 @@ def bench_warm(reps: int) -> dict[str, float]:
 
     from lib.engine.modes import MODES
     from lib.weights.cache import ensure_weights
-    from lib.testkit.tiny import write_tiny_mirror
+    from lib.testkit.models import write_mirror
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_mirror(Path(tmp) / "mirror")
+        write_mirror(Path(tmp) / "mirror")
         with Nginx(Path(tmp) / "mirror", Path(tmp) / "nginx") as nginx:
             kw = dict(manifest_path=f"{tmp}/mirror/manifest.json", base_url=nginx.url, log=lambda line: None)
             ensure_weights(list(MODES), f"{tmp}/cache", **kw)  # cold, not timed

@@ -57,11 +57,11 @@ def main() -> None:
     os.environ["COG_MAX_CONCURRENCY"] = str(max(clients))  # the batcher's window is on only with concurrency
     os.environ["ENABLED_MODES"] = args.mode
     if args.tiny:
-        from lib.testkit.tiny import write_tiny_weights
+        from lib.testkit.models import write_weights
 
         os.environ["WEIGHTS_OFFLINE"] = "1"
         os.environ["WEIGHTS_DIR"] = tiny = tempfile.mkdtemp(prefix="tiny-weights-")
-        write_tiny_weights(Path(tiny))
+        write_weights(Path(tiny))
 
     from lib.local import run_inputs
     from predict import Predictor

@@ -130,10 +130,10 @@ class Check:
         return info
 
     def weights(self) -> dict:
-        from lib.testkit.tiny import Scale, write_tiny_weights
+        from lib.testkit.models import Scale, write_weights
 
         self.weights_dir = Path(self.args.weights or tempfile.mkdtemp(prefix="gpu-check-weights-"))
-        files = write_tiny_weights(self.weights_dir, Scale(full=not self.dry, device=str(self.device)))
+        files = write_weights(self.weights_dir, Scale(full=not self.dry, device=str(self.device)))
         size = sum((self.weights_dir / f).stat().st_size for f in files)
         return {"files": len(files), "gb": round(size / 1e9, 2), "full_size": not self.dry}
 

@@ -1,6 +1,6 @@
-"""Tiny (or, with --full, full-size) random models for every mode, in the real repos' layout: lib/testkit/tiny.py."""
+"""Tiny (or, with --full, full-size) random models for every mode, in the real repos' layout: lib/testkit/models.py."""
 
-from lib.testkit.tiny import main
+from lib.testkit.models import main
 
 if __name__ == "__main__":
     main()

@@ -15,10 +15,10 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    from lib.testkit.tiny import write_tiny_weights
+    from lib.testkit.models import write_weights
 
     out = tmp_path_factory.mktemp("tiny-weights")
-    write_tiny_weights(out)
+    write_weights(out)
     return out
 
 

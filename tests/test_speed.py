@@ -11,7 +11,7 @@ from PIL import Image
 
 from lib.engine import images
 
-from lib.testkit import random_models
+from lib.testkit import models
 
 from lib.engine import speed
 from lib.engine.engine import Engine, InputError
@@ -222,14 +222,14 @@ def test_encoding_in_threads_keeps_files_and_order(tiny_weights, tmp_path, monke
 
 def test_random_models_materialise_on_the_device_without_init():
     """Full-size TAESD from its real config: every parameter real (not meta), finite, in the asked dtype."""
-    taesd = random_models.build_component("madebyollin/taesd", "taesd", device=CPU, dtype=FP32)
+    taesd = models.build_component("madebyollin/taesd", "taesd", device=CPU, dtype=FP32)
     params = list(taesd.parameters())
     assert params and all(p.device == CPU and p.dtype == FP32 and torch.isfinite(p).all() for p in params)
     assert sum(p.numel() for p in params) > 2_000_000  # encoder + decoder, full size
     with torch.inference_mode():
         out = taesd.decode(torch.randn(1, 4, 8, 8)).sample
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    tokenizer = random_models.tokenizer("stabilityai/sd-turbo", "tokenizer")
+    tokenizer = models.tokenizer("stabilityai/sd-turbo", "tokenizer")
     ids = tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == 49406 and max(ids) <= 49407
 

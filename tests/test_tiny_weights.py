@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, TINY_VAE, all_repos
-from lib.testkit.tiny import CONFIGS, LORA_ALPHA, LORA_RANK, write_tiny_weights
+from lib.testkit.models import CONFIGS, LORA_ALPHA, LORA_RANK, write_weights
 
 REPOS = all_repos(MODES, safety_checker=True)  # the SD 1.5 repo with the safety checker's folders too
 WEIGHTS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
@@ -88,7 +88,7 @@ def test_layout_and_verbatim_configs(tiny_weights):
 
 
 def test_deterministic_and_returns_what_it_wrote(tiny_weights, tmp_path):
-    written = write_tiny_weights(tmp_path)
+    written = write_weights(tmp_path)
     assert sorted(p.as_posix() for p in written) == sorted(
         p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())
     assert all(sha256(tmp_path / p) == sha256(tiny_weights / p) for p in written)

@@ -449,10 +449,10 @@ def test_every_pinned_small_file_hash_is_the_shipped_files():
 # -- the tiny models as a mirror: what setup() does on a fresh machine ----------------------------------------
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory):
-    from lib.testkit.tiny import write_tiny_mirror
+    from lib.testkit.models import write_mirror
 
     root = tmp_path_factory.mktemp("tiny-mirror")
-    write_tiny_mirror(root)
+    write_mirror(root)
     return root
 
 

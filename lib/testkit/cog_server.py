@@ -248,12 +248,12 @@ def shared_server(tmp_path_factory, config) -> CogServer:
     fetches every mode's weights from it into an empty WEIGHTS_DIR, then loads them. Stopped at session end."""
     if "server" in _shared:
         return _shared["server"]
-    from lib.testkit.tiny import write_tiny_mirror
+    from lib.testkit.models import write_mirror
     from lib.testkit.servers import Nginx
 
     base = tmp_path_factory.mktemp("cog-server")
     mirror = base / "mirror"
-    write_tiny_mirror(mirror)
+    write_mirror(mirror)
     nginx = Nginx(mirror, base / "nginx").__enter__()
     config.add_cleanup(lambda: nginx.__exit__(None, None, None))
     weights = base / "weights"  # empty: setup() does a cold start

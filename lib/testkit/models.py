@@ -1,4 +1,5 @@
-"""Write tiny random models for every mode, in exactly the layout of the real Hugging Face repos.
+"""Synthetic models for every mode, in exactly the real Hugging Face repos' layout: tiny ones for tests, full-size
+ones with random weights for benchmarks and the GPU check (speed and memory do not depend on weight values).
 
   python scripts/make_tiny_weights.py DIR     # DIR/<repo_id>/<path_in_repo>, as setup() reads WEIGHTS_DIR
   python scripts/make_tiny_weights.py --mirror DIR   # a download mirror: DIR/<repo_id>/resolve/main/<path>
@@ -6,18 +7,29 @@
   python scripts/make_tiny_weights.py --full --device cuda DIR   # full size (the real configs), random weights:
                                                      # what scripts/gpu_check.sh loads on a machine with no Hub
 
-Each model is the real config (lib/configs/) with only its size fields shrunk, so class names, scheduler
-configs, tokenizer configs, structural flags (linear projections, LCM's guidance embedding, SDXL's
+Each model is the real config (lib/configs/) with, for tiny ones, only its size fields shrunk, so class names,
+scheduler configs, tokenizer configs, structural flags (linear projections, LCM's guidance embedding, SDXL's
 micro-conditioning), special-token ids and weight file names (fp16 variants; the kohya-layout LCM-LoRA with
-`.alpha`) are the real ones. Deterministic: the same bytes on every run. The images these models draw are noise.
+`.alpha`) are the real ones. Tiny models are deterministic (the same bytes on every run); their images are noise.
+Full-size models are built fast: parameters are created on the `meta` device (no default init, which takes ~26 s
+for the SDXL UNet on a 2-core CPU), then materialised on the target device and dtype from a pool of normal random
+values scaled by 1/sqrt(fan_in) (norm weights 1, biases 0), so activations stay in range in fp16. On disk:
+`write_weights(DIR, Scale(full=True))`; in memory: `build_modes` (the benchmark).
+
+Tokenizers: no real CLIP vocab is available offline. A byte-level vocab (every byte, alone and word-final, plus the
+special tokens at their real ids) with the real tokenizer configs encodes any text; prompts are padded to 77 tokens
+as with the real vocab, so the text encoders do the same work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import shutil
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +40,9 @@ import transformers
 from safetensors.torch import save_file
 
 from lib import CONFIGS
-from lib.engine.modes import (LORA_WEIGHT_NAME, MODES, SAFETY_CHECKER, SDXL_BASE, SDXL_TURBO, TINY_VAE,  # noqa: E402
-                       Repo, all_repos)
+from lib.engine.precision import needs_upcast
+from lib.engine.modes import (LORA_WEIGHT_NAME, MODES, SAFETY_CHECKER, SDXL_BASE, SDXL_TURBO, TINY_VAE, Mode, Repo,
+                              all_repos)
 
 
 # Tiny sizes. The SDXL encoders get different widths, so mixing them up fails with a shape error.
@@ -55,7 +68,7 @@ SEED_OWNER = {(SDXL_TURBO.repo_id, te): SDXL_BASE.repo_id for te in ("text_encod
 @dataclass(frozen=True)
 class Scale:
     """Tiny (shrunk configs, initialised on the CPU: the tests' models) or full (the real configs, random values
-    filled fast on `device` by lib/random_models.py: speed and memory are the real models')."""
+    filled fast on `device` by `materialize`: speed and memory are the real models')."""
 
     full: bool = False
     device: str = "cpu"
@@ -63,6 +76,54 @@ class Scale:
 
 TINY = Scale()
 LORA_FULL_RANK, LORA_FULL_ALPHA = 64, 8.0  # the LCM-LoRAs are rank 64
+
+
+log = logging.getLogger(__name__)
+
+
+# -- fast random init (full size) ----------------------------------------------------------------------------
+POOL = 1 << 20
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+
+
+def construct(factory):
+    """factory() -> module, its parameters left on the meta device (no init: that is the slow part)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+@torch.no_grad()
+def materialize(module: torch.nn.Module, device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """Parameters (on meta) get storage on `device`/`dtype` and random values; buffers are moved there."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(2 * POOL, generator=g).to(device=device, dtype=dtype)
+    made: dict[int, torch.nn.Parameter] = {}
+    for index, mod in enumerate(module.modules()):
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                t = torch.empty(p.shape, device=device, dtype=dtype if p.is_floating_point() else p.dtype)
+                if name == "bias" or p.ndim == 0:
+                    t.zero_()
+                elif isinstance(mod, NORMS) or (p.ndim == 1 and "norm" in type(mod).__name__.lower()):
+                    t.fill_(1.0)
+                else:
+                    # One pass over memory: the pool (from a per-tensor offset) tiled and scaled.
+                    scale = 1.0 / math.sqrt(max(p[0].numel() if p.ndim >= 2 else p.numel(), 1))
+                    src = pool[(index * 7919 + zlib.crc32(name.encode())) % POOL:][:POOL]
+                    flat = t.view(-1)
+                    rows, rest = divmod(flat.numel(), POOL)
+                    if rows:
+                        torch.mul(src.expand(rows, POOL), scale, out=flat[:rows * POOL].view(rows, POOL))
+                    if rest:
+                        torch.mul(src[:rest], scale, out=flat[rows * POOL:])
+                made[id(p)] = torch.nn.Parameter(t, requires_grad=False)
+            mod._parameters[name] = made[id(p)]
+    return module.to(device).eval().requires_grad_(False)
 
 
 def real_config(repo_id: str, path: str) -> dict:
@@ -112,8 +173,8 @@ def component_config(repo: Repo, component: str, scale: Scale = TINY) -> dict:
     return text_encoder_config(repo.repo_id, component, scale)
 
 
-def build(library: str, class_name: str, config: dict, seed_value: int, scale: Scale = TINY,
-          factory=None) -> torch.nn.Module:
+def build(library: str, class_name: str, config: dict, seed_value: int, scale: Scale = TINY, factory=None,
+          dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """A randomly initialised model; the seed fixes every weight."""
     if factory is None:
         cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
@@ -122,9 +183,7 @@ def build(library: str, class_name: str, config: dict, seed_value: int, scale: S
     if not scale.full:
         torch.manual_seed(seed_value)
         return factory()
-    from lib.testkit import random_models
-
-    return random_models.materialize(random_models.construct(factory), scale.device, torch.float16, seed_value)
+    return materialize(construct(factory), scale.device, dtype, seed_value)
 
 
 def save_model(model: torch.nn.Module, config: dict, folder: Path, library: str, variant: str | None) -> list[Path]:
@@ -236,9 +295,7 @@ def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Pat
     base = lora_base(repo)
     config = unet_config(base, scale)
     if scale.full:  # the module tree alone: shapes, no weights
-        from lib.testkit import random_models
-
-        unet = random_models.construct(lambda: diffusers.UNet2DConditionModel.from_config(config))
+        unet = construct(lambda: diffusers.UNet2DConditionModel.from_config(config))
     else:
         unet = build("diffusers", "UNet2DConditionModel", config, seed(base.repo_id, "unet"))
     rank, alpha = (LORA_FULL_RANK, LORA_FULL_ALPHA) if scale.full else (LORA_RANK, LORA_ALPHA)
@@ -283,7 +340,7 @@ def write_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
     return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir, scale)
 
 
-def write_tiny_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
+def write_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
     """Every mode's repos under out_dir/<repo_id>/; returns the files written, relative to out_dir."""
     out_dir = Path(out_dir)
     written = []
@@ -292,14 +349,14 @@ def write_tiny_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
     return [p.relative_to(out_dir) for p in written]
 
 
-def write_tiny_mirror(mirror: Path) -> dict:
+def write_mirror(mirror: Path) -> dict:
     """The tiny repos as a mirror in the Hub's `resolve` layout plus their manifest: serving `mirror` over HTTP
     and setting WEIGHTS_BASE_URL and WEIGHTS_MANIFEST=mirror/manifest.json lets setup() download them."""
     from lib.weights.manifest import manifest_for_tree, write_manifest
 
     mirror = Path(mirror)
     with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_weights(Path(tmp))
+        write_weights(Path(tmp))
         manifest = manifest_for_tree(Path(tmp))
         for repo_id, spec in manifest["repos"].items():
             for path in spec["files"]:
@@ -308,6 +365,91 @@ def write_tiny_mirror(mirror: Path) -> dict:
                 shutil.move(Path(tmp) / repo_id / path, target)
     write_manifest(mirror / "manifest.json", manifest)
     return manifest
+
+
+# -- full size, in memory (the benchmark) ---------------------------------------------------------------------------
+def tokenizer(repo_id: str, component: str):
+    """The real tokenizer config with the byte-level vocab, loaded as from the repo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(repo_id, component, Path(tmp))
+        return transformers.CLIPTokenizer.from_pretrained(Path(tmp) / component)
+
+
+def build_component(repo_id: str, component: str, *, device, dtype, seed_value: int | None = None):
+    """One model of repo `repo_id` at full size: a subfolder's `unet`, `vae`, `text_encoder*`, or `taesd` for a
+    TAESD repo (its config at the repo's root)."""
+    config = real_config(repo_id, "config.json" if component == TINY_VAE else f"{component}/config.json")
+    library, class_name = (("transformers", config["architectures"][0]) if component.startswith("text_encoder")
+                           else ("diffusers", config["_class_name"]))
+    seed_value = seed(repo_id, component) if seed_value is None else seed_value
+    return build(library, class_name, config, seed_value, Scale(full=True, device=str(device)), dtype=dtype)
+
+
+def build_components(mode: Mode, *, device, dtype, shared: dict | None = None) -> dict:
+    """The components `loading.assemble` takes for `mode`. Components stored in equal files are built once across
+    calls sharing `shared` (the SDXL text encoders are one file in reality, and the loader shares them too). The
+    LCM-LoRA modes get their base UNet: a fused LoRA changes weights, not work."""
+    shared = {} if shared is None else shared
+    repo, index = mode.weights.repo, real_config(mode.weights.repo.repo_id, "model_index.json")
+    components: dict = {}
+    for component in repo.components:
+        if component == "scheduler":
+            cls = getattr(diffusers, mode.weights.scheduler or index["scheduler"][1])
+            components[component] = cls.from_config(real_config(repo.repo_id, "scheduler/scheduler_config.json"))
+            continue
+        if component.startswith("tokenizer"):
+            components[component] = tokenizer(repo.repo_id, component)
+            continue
+        key = (SEED_OWNER.get((repo.repo_id, component), repo.repo_id), component)
+        if key not in shared:
+            # An upcast VAE (SDXL's) is built as diffusers loads it, in fp32; lib/engine/speed.py may change that.
+            upcast = component == "vae" and needs_upcast(real_config(repo.repo_id, "vae/config.json"))
+            shared[key] = build_component(repo.repo_id, component, device=device,
+                                          dtype=torch.float32 if upcast else dtype)
+        components[component] = shared[key]
+    return components
+
+
+def build_modes(mode_names, *, device, dtype) -> dict:
+    """{name: LoadedMode} assembled as loading.load_modes assembles them, from full-size random weights."""
+    from lib.engine.loading import assemble
+
+    shared: dict = {}
+    modes = {}
+    for name in mode_names:
+        mode = MODES[name]
+        started = time.perf_counter()
+        components = build_components(mode, device=device, dtype=dtype, shared=shared)
+        index = real_config(mode.weights.repo.repo_id, "model_index.json")
+        modes[name] = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True))
+        if mode.weights.tiny_vae:  # TAESD / TAESDXL, shared like the loader shares it
+            key = (mode.weights.tiny_vae.repo_id, TINY_VAE)
+            if key not in shared:
+                shared[key] = build_component(mode.weights.tiny_vae.repo_id, TINY_VAE, device=device, dtype=dtype)
+            modes[name].tiny_vae = shared[key]
+        log.info("built %s (full size, random weights) in %.1f s", name, time.perf_counter() - started)
+    return modes
+
+
+def build_safety_checker(*, device, dtype):
+    """The SD safety checker (CLIP ViT-L/14 image tower + concept embeddings) at full size with random weights and
+    thresholds no cosine similarity reaches (<= 1), so nothing is flagged: every image is checked and saved, as
+    predict() does by default."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from lib.engine.safety import SafetyChecker
+
+    config = real_config(SAFETY_CHECKER.repo_id, "safety_checker/config.json")
+    clip = transformers.CLIPConfig.from_dict(config)
+    model = build("transformers", "StableDiffusionSafetyChecker", config, seed(SAFETY_CHECKER.repo_id, "safety_checker"),
+                  Scale(full=True, device=str(device)), factory=lambda: StableDiffusionSafetyChecker(clip), dtype=dtype)
+    with torch.no_grad():
+        model.concept_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
+        model.special_care_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_real(SAFETY_CHECKER.repo_id, "feature_extractor/preprocessor_config.json", Path(tmp))
+        processor = transformers.CLIPImageProcessor.from_pretrained(Path(tmp) / "feature_extractor")
+    return SafetyChecker(model, processor, device, dtype)
 
 
 def main() -> None:
@@ -320,11 +462,11 @@ def main() -> None:
     if (args.dir is None) == (args.mirror is None):
         parser.error("give DIR, or --mirror DIR")
     if args.mirror:
-        manifest = write_tiny_mirror(args.mirror)
+        manifest = write_mirror(args.mirror)
         n = sum(len(spec["files"]) for spec in manifest["repos"].values())
         print(f"wrote a mirror of {n} files and {args.mirror / 'manifest.json'}")
         return
-    files = write_tiny_weights(args.dir, Scale(args.full, args.device))
+    files = write_weights(args.dir, Scale(args.full, args.device))
     print(f"wrote {len(files)} files under {args.dir}")
 
 
