@@ -21,8 +21,8 @@ from pathlib import Path
 
 from cog.input import FieldInfo
 
-from lib.settings import parse_bool
 from lib.engine.inputs import InputError
+from lib.settings import parse_bool
 
 
 class Metrics(dict):
@@ -118,14 +118,24 @@ def collect(runner, **kwargs) -> list:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/predict.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
-                        help="an input of Predictor.run (files: image=@path)")
+    parser = argparse.ArgumentParser(
+        prog="scripts/predict.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input of Predictor.run (files: image=@path)",
+    )
     parser.add_argument("-o", "--output", default="outputs", help="folder for the image files (default: outputs)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="use tiny random weights built on the spot: checks the whole path offline, in seconds; "
-                             "the images are noise")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use tiny random weights built on the spot: checks the whole path offline, in seconds; "
+        "the images are noise",
+    )
     args = parser.parse_args()
     raw = dict(item.split("=", 1) for item in args.input if "=" in item)
     bad = [item for item in args.input if "=" not in item]
@@ -154,10 +164,13 @@ def main() -> int:
     try:
         predictor.setup()
     except Exception as e:  # setup's own message says what is missing and where
-        print(f"setup failed: {e}\n\nThe weights come from the Hugging Face Hub (HF_TOKEN for gated repos) or from "
-              "a mirror in WEIGHTS_BASE_URL (docs/weights.md); files already in WEIGHTS_DIR are used as they are "
-              "with WEIGHTS_OFFLINE=1. To check the whole path offline on tiny random weights:\n"
-              "  scripts/predict.sh --tiny -i prompt=\"a test\"", file=sys.stderr)
+        print(
+            f"setup failed: {e}\n\nThe weights come from the Hugging Face Hub (HF_TOKEN for gated repos) or from "
+            "a mirror in WEIGHTS_BASE_URL (docs/weights.md); files already in WEIGHTS_DIR are used as they are "
+            "with WEIGHTS_OFFLINE=1. To check the whole path offline on tiny random weights:\n"
+            '  scripts/predict.sh --tiny -i prompt="a test"',
+            file=sys.stderr,
+        )
         return 1
     metrics = predictor.record_metric = Metrics()
     out = Path(args.output)

@@ -29,8 +29,10 @@ REGISTRY = "r8.im"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".gguf", ".msgpack", ".h5")
 BIG_FILE = 50 * 2**20
 SMOKE_INPUT = {"prompt": "a lighthouse at dusk, oil painting", "mode": "lcm", "seed": 1}
-INSTALL_COG = ('sudo curl -o /usr/local/bin/cog -L "https://github.com/replicate/cog/releases/latest/download/'
-               'cog_$(uname -s)_$(uname -m)" && sudo chmod +x /usr/local/bin/cog')
+INSTALL_COG = (
+    'sudo curl -o /usr/local/bin/cog -L "https://github.com/replicate/cog/releases/latest/download/'
+    'cog_$(uname -s)_$(uname -m)" && sudo chmod +x /usr/local/bin/cog'
+)
 
 
 class Failed(Exception):
@@ -98,15 +100,20 @@ def weight_leaks(context: Path) -> list[str]:
     rules = dockerignore_rules(context)
     problems = []
     if not ignored("weights/some-repo/unet/diffusion_pytorch_model.safetensors", rules):
-        problems.append(".dockerignore does not exclude the weights cache: add `weights/*` (setup() downloads the "
-                        "weights at start-up; they must not be baked into the image)")
+        problems.append(
+            ".dockerignore does not exclude the weights cache: add `weights/*` (setup() downloads the "
+            "weights at start-up; they must not be baked into the image)"
+        )
     negations = [text.lstrip("!").strip("/") for _, neg, text in rules if neg]
     for dirpath, dirnames, filenames in os.walk(context):
         rel_dir = os.path.relpath(dirpath, context)
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
         # Prune ignored folders unless a `!rule` might bring something back from inside them.
-        dirnames[:] = [d for d in dirnames if not ignored(rel_dir + d, rules)
-                       or any(n.startswith(rel_dir + d + "/") for n in negations)]
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if not ignored(rel_dir + d, rules) or any(n.startswith(rel_dir + d + "/") for n in negations)
+        ]
         for f in filenames:
             rel = rel_dir + f
             if ignored(rel, rules):
@@ -116,8 +123,9 @@ def weight_leaks(context: Path) -> list[str]:
             except OSError:
                 continue
             if size >= BIG_FILE or (f.endswith(WEIGHT_SUFFIXES) and size >= 2**20):
-                problems.append(f"{rel} ({size / 2**20:.0f} MiB) would be copied into the image: add it to "
-                                ".dockerignore")
+                problems.append(
+                    f"{rel} ({size / 2**20:.0f} MiB) would be copied into the image: add it to .dockerignore"
+                )
     return problems
 
 
@@ -137,12 +145,16 @@ def check_cog() -> str:
 
 def check_docker() -> str:
     if not shutil.which("docker"):
-        raise Failed("Docker is not installed (no `docker` on PATH): cog builds the image with Docker. "
-                     "Install Docker Engine: https://docs.docker.com/engine/install/")
+        raise Failed(
+            "Docker is not installed (no `docker` on PATH): cog builds the image with Docker. "
+            "Install Docker Engine: https://docs.docker.com/engine/install/"
+        )
     r = run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=60)
     if r.returncode:
-        raise Failed(f"Docker is not running (`docker info` failed: {(r.stderr or r.stdout).strip()[:300]}); "
-                     "start it (e.g. `sudo systemctl start docker`)")
+        raise Failed(
+            f"Docker is not running (`docker info` failed: {(r.stderr or r.stdout).strip()[:300]}); "
+            "start it (e.g. `sudo systemctl start docker`)"
+        )
     return f"Docker server {r.stdout.strip()}"
 
 
@@ -159,8 +171,9 @@ def check_login() -> str:
         r = run([f"docker-credential-{store}", "list"], timeout=30)
         if r.returncode == 0 and REGISTRY in r.stdout:
             return f"logged in to {REGISTRY} (credential store {store})"
-    raise Failed(f"not logged in to {REGISTRY}: run `cog login` (it asks for a token from "
-                 "https://replicate.com/auth/token)")
+    raise Failed(
+        f"not logged in to {REGISTRY}: run `cog login` (it asks for a token from https://replicate.com/auth/token)"
+    )
 
 
 def check_dockerignore() -> str:
@@ -184,8 +197,14 @@ def steps(args, image: str) -> list[tuple[str, str, object]]:
         plan.append(("tests", args.test_command, lambda: run_tests(test_cmd)))
     plan.append(("push", f"cog push {image}", lambda: push(image)))
     if args.smoke:
-        plan.append(("smoke prediction", f"Replicate API: latest version of {image.removeprefix(REGISTRY + '/')}, "
-                     f"input {json.dumps(SMOKE_INPUT)}", lambda: smoke(image.removeprefix(REGISTRY + "/"))))
+        plan.append(
+            (
+                "smoke prediction",
+                f"Replicate API: latest version of {image.removeprefix(REGISTRY + '/')}, "
+                f"input {json.dumps(SMOKE_INPUT)}",
+                lambda: smoke(image.removeprefix(REGISTRY + "/")),
+            )
+        )
     return plan
 
 
@@ -224,7 +243,9 @@ def smoke(model: str) -> str:
         say(f"  output: {url}")
     predict_time = (prediction.metrics or {}).get("predict_time")
     timing = f"predict_time {predict_time:.2f} s, " if predict_time is not None else ""
-    return f"smoke prediction {prediction.id} succeeded on version {version.id[:12]}: {timing}{seconds:.1f} s end to end"
+    return (
+        f"smoke prediction {prediction.id} succeeded on version {version.id[:12]}: {timing}{seconds:.1f} s end to end"
+    )
 
 
 def main(argv=None) -> int:
@@ -257,14 +278,10 @@ def main(argv=None) -> int:
     if failures:
         print(f"error: preflight failed ({', '.join(failures)}): nothing was pushed", file=sys.stderr)
         return 1
-    for title, _, step in plan[len(preflight):]:
+    for title, _, step in plan[len(preflight) :]:
         try:
             say(f"ok   {title}: {step()}")
         except (Failed, OSError) as e:
             print(f"error: {title}: {e}", file=sys.stderr)
             return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,18 @@ from lib import ROOT
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 SWITCH_WORDS = "true or false (also 1/0, yes/no, on/off, in any case)"
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class SettingsError(ValueError):
@@ -42,8 +52,9 @@ def parse_bytes(name: str, text: str) -> int:
     """'20GB', '20 GiB', '500MB', '123456' -> bytes; anything else is an error naming `name`."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])?\s*", text or "")
     if not m:
-        raise ValueError(f"{name}: {text!r} is not a size; allowed: bytes, or a number with a unit "
-                         "(500MB, 20GB, 20GiB)")
+        raise ValueError(
+            f"{name}: {text!r} is not a size; allowed: bytes, or a number with a unit (500MB, 20GB, 20GiB)"
+        )
     return int(float(m[1]) * UNITS[(m[2] or "").lower()])
 
 
@@ -108,18 +119,20 @@ def choice(*values: str) -> Kind:
 
 def names(allowed: Callable[[], tuple[str, ...]], what: str, aliases: Mapping[str, tuple[str, ...]] = {}) -> Kind:
     """A comma-separated list of names from `allowed()`; an alias word stands for a list."""
+
     def parse(name: str, text: str) -> tuple[str, ...]:
         if text.lower() in aliases:
             return aliases[text.lower()]
-        items = tuple(dict.fromkeys(n.strip().lower() if aliases else n.strip() for n in text.split(",")
-                                    if n.strip()))
+        items = tuple(dict.fromkeys(n.strip().lower() if aliases else n.strip() for n in text.split(",") if n.strip()))
         unknown = [n for n in items if n not in allowed()]
         if unknown:
             extra = f"{', '.join(aliases)}, or a list of " if aliases else ""
             raise ValueError(f"{name}: {', '.join(unknown)} not {what}; allowed: {extra}{', '.join(allowed())}")
         return items
 
-    return Kind(f"comma-separated {what.removeprefix('a ')}s" + (f", or {', '.join(aliases)}" if aliases else ""), parse)
+    return Kind(
+        f"comma-separated {what.removeprefix('a ')}s" + (f", or {', '.join(aliases)}" if aliases else ""), parse
+    )
 
 
 # -- the variables ---------------------------------------------------------------------------------------------------
@@ -130,8 +143,13 @@ class Var:
     def __init__(self, name: str, group: str, kind: Kind, default: Any, meaning: str, *, shown: str | None = None):
         self.name, self.kind, self.default, self.meaning, self.group = name, kind, default, meaning, group
         if shown is None:
-            shown = "unset" if default is None else ("on" if default else "off") if isinstance(default, bool) \
+            shown = (
+                "unset"
+                if default is None
+                else ("on" if default else "off")
+                if isinstance(default, bool)
                 else f"`{default}`"
+            )
         self.shown = shown
 
     def read(self, settings: Settings) -> Any:
@@ -151,6 +169,7 @@ def _modes() -> tuple[str, ...]:
 
 
 COMPILE_TARGETS = ("unet", "vae", "text")
+COMPILE_SWITCH = {**{w: () for w in FALSE}, **{w: ("unet", "vae") for w in TRUE}}  # SPEED_COMPILE=1 / 0
 GROUPS = {
     "engine": "Modes and the device",
     "weights": "Weights",
@@ -168,105 +187,103 @@ class Settings:
     def __init__(self, env: Mapping[str, str] | None = None):
         self.env = os.environ if env is None else env
 
+    # The declarations are a table: one each, kept as written.
+    # fmt: off
     # -- engine --
     enabled_modes = Var("ENABLED_MODES", "engine", names(_modes, "a mode"), lambda s: _modes(),
-                         "comma-separated modes to load; requests for the others are refused with a clear error",
-                         shown="all")
+        "comma-separated modes to load; requests for the others are refused with a clear error", shown="all")
     safety_checker = Var("SAFETY_CHECKER", "engine", switch(), True,
-                          "`0`: no safety checker (not fetched, not loaded; `disable_safety_checker` then changes "
-                          "nothing)")
-    model_device = Var("MODEL_DEVICE", "engine", text(), None, "the torch device", shown="`cuda` if available, else `cpu`")
+        "`0`: no safety checker (not fetched, not loaded; `disable_safety_checker` then changes nothing)")
+    model_device = Var("MODEL_DEVICE", "engine", text(), None, "the torch device",
+        shown="`cuda` if available, else `cpu`")
     model_dtype = Var("MODEL_DTYPE", "engine", choice("float16", "bfloat16", "float32"), None,
-                       "the models' dtype (bfloat16 needs compute capability 8.0+); only the SDXL VAE is upcast",
-                       shown="`float16` on CUDA, `float32` on the CPU")
+        "the models' dtype (bfloat16 needs compute capability 8.0+); only the SDXL VAE is upcast",
+        shown="`float16` on CUDA, `float32` on the CPU")
     device_memory_budget = Var("DEVICE_MEMORY_BUDGET", "engine", size(), None,
-                                "the memory plan's budget: modes that do not fit wait in host memory and move in "
-                                "when a request needs them", shown="the GPU's free memory")
+        "the memory plan's budget: modes that do not fit wait in host memory and move in when a request needs them",
+        shown="the GPU's free memory")
 
     # -- weights --
     weights_dir = Var("WEIGHTS_DIR", "weights", path(), lambda s: ROOT / "weights",
-                       "the weights cache, in the Hub layout `WEIGHTS_DIR/<repo_id>/<path>`",
-                       shown="the project's `weights/`")
+        "the weights cache, in the Hub layout `WEIGHTS_DIR/<repo_id>/<path>`", shown="the project's `weights/`")
     weights_manifest = Var("WEIGHTS_MANIFEST", "weights", path(), lambda s: ROOT / "weights" / "manifest.json",
-                            "the manifest (its lock file sits beside it)", shown="`weights/manifest.json`")
+        "the manifest (its lock file sits beside it)", shown="`weights/manifest.json`")
     weights_base_url = Var("WEIGHTS_BASE_URL", "weights", text(), "https://huggingface.co",
-                            "where files come from: `{base}/{repo_id}/resolve/{revision}/{path}` (the Hub, or "
-                            "any mirror with that layout)")
+        "where files come from: `{base}/{repo_id}/resolve/{revision}/{path}` (the Hub, or any mirror with that layout)")
     hf_token = Var("HF_TOKEN", "weights", text(), None, "sent to the Hub (never to its CDN) for gated or private repos")
     weights_offline = Var("WEIGHTS_OFFLINE", "weights", switch(), False,
-                           "`1`: no manifest, no download; load `WEIGHTS_DIR` as it is")
-    weights_connections = Var("WEIGHTS_CONNECTIONS", "weights", integer(1), lambda s: min(16, max(4, 2 * (os.cpu_count() or 2))),
-                               "parallel HTTP connections, all files together", shown="2 x CPU cores, 4 to 16")
+        "`1`: no manifest, no download; load `WEIGHTS_DIR` as it is")
+    weights_connections = Var("WEIGHTS_CONNECTIONS", "weights", integer(1),
+        lambda s: min(16, max(4, 2 * (os.cpu_count() or 2))),
+        "parallel HTTP connections, all files together", shown="2 x CPU cores, 4 to 16")
     weights_timeout = Var("WEIGHTS_TIMEOUT", "weights", number(0, above=True), 30.0,
-                           "seconds without a byte before a connection counts as stalled")
+        "seconds without a byte before a connection counts as stalled")
     weights_retries = Var("WEIGHTS_RETRIES", "weights", integer(1), 5,
-                           "failed attempts in a row before giving up (for the HEADs: retry rounds)")
+        "failed attempts in a row before giving up (for the HEADs: retry rounds)")
     weights_progress_seconds = Var("WEIGHTS_PROGRESS_SECONDS", "weights", number(0, above=True), 5.0,
-                                    "seconds between progress lines in the logs")
+        "seconds between progress lines in the logs")
 
     # -- speed --
     speed = Var("SPEED", "speed", switch(), True, "`0`: every fast-path default off (the plain diffusers path)")
     speed_sdpa = Var("SPEED_SDPA", "speed", switch(), True, "torch's scaled_dot_product_attention in every attention")
     speed_tf32 = Var("SPEED_TF32", "speed", switch(), None, "TF32 for fp32 matmuls and convolutions",
-                      shown="on for CUDA")
+        shown="on for CUDA")
     speed_cudnn_benchmark = Var("SPEED_CUDNN_BENCHMARK", "speed", switch(), False,
-                                 "cuDNN autotuning per new shape (off: prediction sizes are free-form)")
+        "cuDNN autotuning per new shape (off: prediction sizes are free-form)")
     speed_channels_last = Var("SPEED_CHANNELS_LAST", "speed", switch(), None, "UNet and VAE weights in channels_last",
-                               shown="on for CUDA")
+        shown="on for CUDA")
     speed_fuse_qkv = Var("SPEED_FUSE_QKV", "speed", switch(), None, "fused QKV / KV attention projections",
-                          shown="on for CUDA")
+        shown="on for CUDA")
     speed_vae_dtype = Var("SPEED_VAE_DTYPE", "speed", choice("auto", "keep", "float32", "bfloat16", "float16"), None,
-                           "`auto`: only the SDXL VAE upcast, to bfloat16 where native; `keep`: as diffusers loads",
-                           shown="`auto` (`keep` with SPEED=0)")
-    speed_compile = Var("SPEED_COMPILE", "speed", names(lambda: COMPILE_TARGETS, "a target",
-                                                {**{w: () for w in FALSE}, **{w: ("unet", "vae") for w in TRUE}}),
-                         (), "torch.compile: `1` = unet,vae, or a list of unet, vae, text", shown="off")
+        "`auto`: only the SDXL VAE upcast, to bfloat16 where native; `keep`: as diffusers loads",
+        shown="`auto` (`keep` with SPEED=0)")
+    speed_compile = Var("SPEED_COMPILE", "speed", names(lambda: COMPILE_TARGETS, "a target", COMPILE_SWITCH), (),
+        "torch.compile: `1` = unet,vae, or a list of unet, vae, text", shown="off")
     speed_compile_mode = Var("SPEED_COMPILE_MODE", "speed", text(), None, "the torch.compile mode",
-                              shown="`max-autotune-no-cudagraphs` (`max-autotune` with CUDA graphs)")
+        shown="`max-autotune-no-cudagraphs` (`max-autotune` with CUDA graphs)")
     speed_compile_backend = Var("SPEED_COMPILE_BACKEND", "speed", text(), "inductor", "the torch.compile backend")
     speed_cuda_graphs = Var("SPEED_CUDA_GRAPHS", "speed", switch(), False,
-                             "CUDA graphs through torch.compile, for the modes the memory plan keeps resident")
+        "CUDA graphs through torch.compile, for the modes the memory plan keeps resident")
     speed_warmup = Var("SPEED_WARMUP", "speed", switch(), None,
-                        "setup runs each mode once at its default size, on the serving thread",
-                        shown="on for CUDA")
+        "setup runs each mode once at its default size, on the serving thread", shown="on for CUDA")
     speed_encode_threads = Var("SPEED_ENCODE_THREADS", "speed", integer(0), lambda s: min(4, os.cpu_count() or 1),
-                                "threads that encode image files (0: inline)", shown="min(4, CPU cores)")
+        "threads that encode image files (0: inline)", shown="min(4, CPU cores)")
     speed_webp_method = Var("SPEED_WEBP_METHOD", "speed", integer(0, 6), 0, "libwebp effort (0 is 4x faster than 4)")
 
     # -- batching --
     batch_window_ms = Var("BATCH_WINDOW_MS", "batching", number(0), 5.0,
-                           "how long the batcher waits for compatible requests (0 when concurrency is 1)")
+        "how long the batcher waits for compatible requests (0 when concurrency is 1)")
     batch_max_images = Var("BATCH_MAX_IMAGES", "batching", integer(1), 16, "most images in one batch")
     cog_max_concurrency = Var("COG_MAX_CONCURRENCY", "batching", integer(1), 1,
-                               "predictions Cog runs at once (set by Cog from cog.yaml's concurrency.max)")
+        "predictions Cog runs at once (set by Cog from cog.yaml's concurrency.max)")
 
     # -- lora --
     lora_cache_dir = Var("LORA_CACHE_DIR", "lora", path(), lambda s: s.weights_dir / ".loras", "the style-LoRA cache",
-                          shown="`WEIGHTS_DIR/.loras`")
+        shown="`WEIGHTS_DIR/.loras`")
     lora_cache_bytes = Var("LORA_CACHE_BYTES", "lora", size(), 5 * 2**30,
-                            "the style-LoRA cache's budget (least recently used evicted)", shown="5 GiB")
+        "the style-LoRA cache's budget (least recently used evicted)", shown="5 GiB")
     lora_max_bytes = Var("LORA_MAX_BYTES", "lora", size(), 2**30, "the largest style LoRA accepted", shown="1 GiB")
     lora_download_timeout = Var("LORA_DOWNLOAD_TIMEOUT", "lora", number(0, above=True), 600.0,
-                                 "seconds a style LoRA's download may take in all")
+        "seconds a style LoRA's download may take in all")
     lora_allow_http = Var("LORA_ALLOW_HTTP", "lora", switch(), False,
-                           "`1`: http and loopback/private addresses allowed (tests on loopback only)")
+        "`1`: http and loopback/private addresses allowed (tests on loopback only)")
 
     # -- jobs --
     replicate_api_token = Var("REPLICATE_API_TOKEN", "jobs", text(), None, "the Replicate API token (jobs, push)")
     replicate_webhook_secret = Var("REPLICATE_WEBHOOK_SECRET", "jobs", text(), None,
-                                    "the receiver accepts webhooks signed with this `whsec_` secret")
+        "the receiver accepts webhooks signed with this `whsec_` secret")
     webhook_auth_token = Var("WEBHOOK_AUTH_TOKEN", "jobs", text(), None,
-                              "the receiver accepts a Cog server's webhooks carrying this bearer token")
+        "the receiver accepts a Cog server's webhooks carrying this bearer token")
     jobs_ledger = Var("JOBS_LEDGER", "jobs", path(), Path("jobs/ledger.sqlite"), "the jobs' SQLite ledger")
     jobs_outputs = Var("JOBS_OUTPUTS", "jobs", path(), Path("jobs/outputs"), "where the receiver saves images")
     docker_config = Var("DOCKER_CONFIG", "jobs", path(), lambda s: Path.home() / ".docker",
-                         "Docker's configuration folder (push checks `cog login`)", shown="`~/.docker`")
+        "Docker's configuration folder (push checks `cog login`)", shown="`~/.docker`")
 
     # -- tools --
     bench_tmp = Var("BENCH_TMP", "tools", path(), None, "scratch folder of the download benchmark",
-                     shown="the system's temporary folder")
+        shown="the system's temporary folder")
     out = Var("OUT", "tools", path(), Path("gpu-check-out"), "where scripts/gpu_check.sh writes gpu_check.json")
-
+    # fmt: on
 
     @classmethod
     def variables(cls) -> list[Var]:
@@ -287,15 +304,22 @@ class Settings:
 
 def markdown() -> str:
     """docs/configuration.md, from the declarations."""
-    lines = ["# Configuration", "",
-             "Every environment variable the package reads, generated from `lib/settings.py` "
-             "(`python -m lib.settings > docs/configuration.md`). Unset or empty means the default. setup() checks "
-             "them all first: a bad value fails setup with a message naming the variable, its value and what is "
-             "allowed.", ""]
+    lines = [
+        "# Configuration",
+        "",
+        "Every environment variable the package reads, generated from `lib/settings.py` "
+        "(`python -m lib.settings > docs/configuration.md`). Unset or empty means the default. setup() checks "
+        "them all first: a bad value fails setup with a message naming the variable, its value and what is "
+        "allowed.",
+        "",
+    ]
     for group, title in GROUPS.items():
         lines += [f"## {title}", "", "| variable | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{v.name}` | {v.kind.label} | {v.shown} | {v.meaning} |" for v in Settings.variables()
-                  if v.group == group]
+        lines += [
+            f"| `{v.name}` | {v.kind.label} | {v.shown} | {v.meaning} |"
+            for v in Settings.variables()
+            if v.group == group
+        ]
         lines.append("")
     return "\n".join(lines)
 

@@ -8,7 +8,6 @@ from PIL import Image
 
 from lib.testkit.environment import environment
 
-
 # Same thread count everywhere: a different one can change the last bits of CPU results.
 torch.set_num_threads(2)
 
@@ -55,5 +54,9 @@ def files(tmp_path_factory):
     Image.new("L", (5000, 4000)).save(d / "huge.png")  # 20 MP, a few KB on disk
     Image.new("RGB", (300, 300), "red").save(d / "photo.png")
     (d / "truncated.png").write_bytes((d / "photo.png").read_bytes()[:200])
-    return {"@text": d / "notes.txt", "@huge": d / "huge.png", "@photo": d / "photo.png",
-            "@truncated": d / "truncated.png"}
+    return {
+        "@text": d / "notes.txt",
+        "@huge": d / "huge.png",
+        "@photo": d / "photo.png",
+        "@truncated": d / "truncated.png",
+    }

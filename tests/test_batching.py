@@ -55,26 +55,31 @@ BASE = dict(mode="sd-turbo", width=256, height=256, output_format="png")
 def test_overlapping_requests_run_as_one_batch_and_match_solo_runs(batched, run):
     inputs = [dict(BASE, prompt=f"prompt {i}", seed=100 + i, num_outputs=1 + i % 2) for i in range(4)]
     results = batched(inputs)
-    for (paths, metrics), request in zip(results, inputs):
+    for (paths, metrics), request in zip(results, inputs, strict=True):
         assert metrics["batch.requests"] == 4 and metrics["batch.images"] == 6
         assert metrics["queue_wait"] >= 0 and metrics["seeds"] == [request["seed"] + k for k in range(len(paths))]
         solo, _ = run(**request)
         assert len(paths) == len(solo) == request["num_outputs"]
-        for got, want in zip(paths, solo):
+        for got, want in zip(paths, solo, strict=True):
             assert np.abs(pixels(got) - pixels(want)).max() <= 2  # batch vs solo: same up to float rounding
 
 
 def test_incompatible_requests_run_in_separate_batches(batched):
-    results = batched([dict(BASE, prompt="a", seed=1), dict(BASE, prompt="b", seed=2, width=264),
-                       dict(BASE, prompt="c", seed=3)])
+    results = batched(
+        [dict(BASE, prompt="a", seed=1), dict(BASE, prompt="b", seed=2, width=264), dict(BASE, prompt="c", seed=3)]
+    )
     assert [m["batch.requests"] for _, m in results] == [2, 1, 2]
 
 
 @pytest.mark.parametrize("cancel_after", [0.05, 0.4], ids=["while-waiting", "while-running"])
 def test_cancel_and_invalid_input_inside_a_batch_leave_the_others_intact(batched, run, cancel_after):
     base = dict(BASE, mode="lcm", num_inference_steps=8)  # long enough to cancel mid-batch
-    inputs = [dict(base, prompt="keep", seed=5), dict(base, prompt="cancel me", seed=6),
-              dict(base, prompt="bad", seed=7, num_inference_steps=9), dict(base, prompt="keep too", seed=8)]
+    inputs = [
+        dict(base, prompt="keep", seed=5),
+        dict(base, prompt="cancel me", seed=6),
+        dict(base, prompt="bad", seed=7, num_inference_steps=9),
+        dict(base, prompt="keep too", seed=8),
+    ]
     results = batched(inputs, cancel={1}, cancel_after=cancel_after)
     assert isinstance(results[1], asyncio.CancelledError)
     assert isinstance(results[2], InputError) and str(results[2]).startswith("num_inference_steps:")
@@ -95,7 +100,7 @@ def test_a_burst_over_the_cap_is_served_in_several_batches(batched):
 
 def test_throughput_benchmark_smoke(predictor):
     """scripts/bench_throughput.py's measurement runs (CI smoke; the figures are not asserted)."""
-    from scripts.bench_throughput import measure
+    from lib.bench.throughput import measure
 
     inputs = run_inputs(predictor, prompt="x", mode="sd-turbo", width=256, height=256, seed=1)
     result = asyncio.run(measure(predictor, inputs, clients=2, requests=1))

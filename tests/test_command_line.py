@@ -23,8 +23,19 @@ def run_raw(predictor, **raw):
         return collect(predictor, **run_inputs(predictor, {**BASE, **raw})), metrics
 
 
-@pytest.mark.parametrize("text, on", [("false", False), ("FALSE", False), ("0", False), ("no", False),
-                                      ("true", True), ("True", True), ("1", True), ("YES", True)])
+@pytest.mark.parametrize(
+    "text, on",
+    [
+        ("false", False),
+        ("FALSE", False),
+        ("0", False),
+        ("no", False),
+        ("true", True),
+        ("True", True),
+        ("1", True),
+        ("YES", True),
+    ],
+)
 def test_booleans_mean_what_they_say(predictor, text, on):
     paths, metrics = run_raw(predictor, disable_safety_checker=text, fast_decode=text)
     assert read_settings(paths[0])["fast_decode"] is on
@@ -37,24 +48,34 @@ def test_numbers_are_parsed_as_their_declared_type(predictor):
     assert len(paths) == 2 and read_settings(paths[0])["seed"] == 5 and read_settings(paths[1])["seed"] == 6
 
 
-@pytest.mark.parametrize("name, text, says", [
-    ("fast_decode", "maybe", "fast_decode: 'maybe' is not true or false"),
-    ("disable_safety_checker", "", "disable_safety_checker: '' is not true or false"),
-    ("width", "wide", "width: 'wide' is not a whole number"),
-    ("seed", "1.5", "seed: '1.5' is not a whole number"),
-    ("guidance_scale", "lots", "guidance_scale: 'lots' is not a number"),
-    ("strength", "nan", "strength: 'nan' is not a finite number"),
-])
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        ("fast_decode", "maybe", "fast_decode: 'maybe' is not true or false"),
+        ("disable_safety_checker", "", "disable_safety_checker: '' is not true or false"),
+        ("width", "wide", "width: 'wide' is not a whole number"),
+        ("seed", "1.5", "seed: '1.5' is not a whole number"),
+        ("guidance_scale", "lots", "guidance_scale: 'lots' is not a number"),
+        ("strength", "nan", "strength: 'nan' is not a finite number"),
+    ],
+)
 def test_anything_else_is_an_error_naming_the_input(predictor, name, text, says):
     with pytest.raises(InputError) as err:
         run_inputs(predictor, {**BASE, name: text})
-    assert says in str(err.value) and ("allowed: true or false" in str(err.value)) == (name in (
-        "fast_decode", "disable_safety_checker"))
+    assert says in str(err.value) and ("allowed: true or false" in str(err.value)) == (
+        name in ("fast_decode", "disable_safety_checker")
+    )
 
 
 def test_the_script_refuses_a_bad_value_before_setup(tmp_path):
     env = {**os.environ, "WEIGHTS_DIR": str(tmp_path / "empty"), "WEIGHTS_OFFLINE": "1"}  # setup would fail here
-    r = subprocess.run([sys.executable, "-m", "lib.local", "-i", "prompt=x", "-i", "fast_decode=nope"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lib.local", "-i", "prompt=x", "-i", "fast_decode=nope"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "invalid input: fast_decode: 'nope' is not true or false" in r.stderr, r.stderr
     assert "setup failed" not in r.stderr

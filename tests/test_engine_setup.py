@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lib.engine.engine import Engine
-from lib.settings import Settings
 from lib.engine.inputs import InputError
 from lib.engine.loading import WeightsMissingError, load_modes
+from lib.settings import Settings
 
 
 def storage(module):
@@ -42,8 +42,11 @@ def test_lcm_lora_is_fused_without_adapter_layers(predictor, tiny_weights):
     from diffusers import UNet2DConditionModel
 
     base = UNet2DConditionModel.from_pretrained(
-        tiny_weights / "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet", variant="fp16",
-        dtype=torch.float32)
+        tiny_weights / "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        subfolder="unet",
+        variant="fp16",
+        dtype=torch.float32,
+    )
     fused, original = dict(unet.named_parameters()), dict(base.named_parameters())
     changed = [n for n in original if not torch.equal(fused[n], original[n])]
     assert any("to_q" in n for n in changed) and any("conv1" in n for n in changed)
@@ -72,4 +75,4 @@ def test_enabled_modes_env(monkeypatch):
     assert Settings().enabled_modes == ("sd-turbo", "lcm")
     monkeypatch.setenv("ENABLED_MODES", "sd-turbo,dalle")
     with pytest.raises(ValueError, match="ENABLED_MODES: dalle"):
-        Settings().enabled_modes
+        Settings().check()

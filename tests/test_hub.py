@@ -18,16 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from lib.weights.download import PinMismatch, Tuning, WeightsError
 from lib.engine.modes import all_repos, repo_files
-from lib.weights.cache import ensure_weights
-from lib.weights.manifest import manifest_for_tree, write_manifest
 from lib.testkit.hub import FakeHub
+from lib.weights.cache import ensure_weights
+from lib.weights.download import PinMismatch, Tuning, WeightsError
+from lib.weights.manifest import manifest_for_tree, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-FAST = Tuning(connections=4, files=4, chunk_size=1 * MiB, timeout=2.0, retries=2, backoff=0.05,
-                progress_seconds=30)
+FAST = Tuning(connections=4, files=4, chunk_size=1 * MiB, timeout=2.0, retries=2, backoff=0.05, progress_seconds=30)
 MODE = "sd-turbo"
 REPOS = [r.repo_id for r in all_repos([MODE], safety_checker=True)]  # sd-turbo, its TAESD, the safety checker's
 TURBO, TAESD = "stabilityai/sd-turbo", "madebyollin/taesd"
@@ -59,8 +58,15 @@ class Setup:
         write_manifest(self.manifest, data)
 
     def ensure(self, **kw):
-        kw = {"manifest_path": self.manifest, "base_url": self.hub.url, "log": self.lines.append, "tuning": FAST,
-              "safety_checker": True, "token": TOKEN, **kw}
+        kw = {
+            "manifest_path": self.manifest,
+            "base_url": self.hub.url,
+            "log": self.lines.append,
+            "tuning": FAST,
+            "safety_checker": True,
+            "token": TOKEN,
+            **kw,
+        }
         return ensure_weights([MODE], self.dir, **kw)
 
     def lock(self) -> dict:
@@ -70,10 +76,23 @@ class Setup:
         return self.dir / repo_id / path
 
     def script(self, *args, **env) -> subprocess.CompletedProcess:
-        env = {**os.environ, "WEIGHTS_MANIFEST": str(self.manifest), "WEIGHTS_BASE_URL": self.hub.url,
-               "WEIGHTS_DIR": str(self.dir), "ENABLED_MODES": MODE, "HF_TOKEN": TOKEN, **env}
-        return subprocess.run([sys.executable, "scripts/weights.py", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
+        env = {
+            **os.environ,
+            "WEIGHTS_MANIFEST": str(self.manifest),
+            "WEIGHTS_BASE_URL": self.hub.url,
+            "WEIGHTS_DIR": str(self.dir),
+            "ENABLED_MODES": MODE,
+            "HF_TOKEN": TOKEN,
+            **env,
+        }
+        return subprocess.run(
+            [sys.executable, "scripts/weights.py", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 @pytest.fixture
@@ -97,8 +116,9 @@ def test_cold_setup_verifies_every_file_against_the_hub_and_keeps_the_token_from
     assert {s.method for s in cdn} == {"GET"} and all(s.status in (200, 206) for s in cdn)
     assert all(s.authorization is None for s in cdn)
     assert all(s.authorization == f"Bearer {TOKEN}" for s in hub.hub.seen("origin"))
-    assert len({s.path.split("?")[0] for s in cdn}) == len({hub.hub.file(r, p).sha256 for r, p in entries()
-                                                           if p.endswith(".safetensors")})
+    assert len({s.path.split("?")[0] for s in cdn}) == len(
+        {hub.hub.file(r, p).sha256 for r, p in entries() if p.endswith(".safetensors")}
+    )
     # Warm: nothing is asked again.
     hub.hub.log.clear()
     assert hub.ensure()["downloaded"] == 0 and hub.hub.log == []
@@ -113,12 +133,22 @@ def test_pins_that_disagree_with_the_hub_name_file_hashes_commit_and_the_command
         hub.ensure()
     msg = str(err.value)
     taesd = hub.hub.file(TAESD, TAESD_WEIGHTS)
-    for needle in (f"repo {TURBO}, file {SCHEDULER}", hashlib.sha256(crlf).hexdigest(), served.sha256,
-                   f"{len(crlf)} bytes", f"{len(served.data)} bytes", f"git blob SHA-1 {served.git_sha1}",
-                   f"commit {hub.hub.head(TURBO)}", f"repo {TAESD}, file {TAESD_WEIGHTS}", "c3dbf7eb" * 8,
-                   taesd.sha256, "X-Linked-Etag", f"commit {hub.hub.head(TAESD)}",
-                   f"WEIGHTS_MANIFEST={hub.manifest} python scripts/weights.py pin {TURBO}",
-                   f"WEIGHTS_MANIFEST={hub.manifest} python scripts/weights.py pin {TAESD}"):
+    for needle in (
+        f"repo {TURBO}, file {SCHEDULER}",
+        hashlib.sha256(crlf).hexdigest(),
+        served.sha256,
+        f"{len(crlf)} bytes",
+        f"{len(served.data)} bytes",
+        f"git blob SHA-1 {served.git_sha1}",
+        f"commit {hub.hub.head(TURBO)}",
+        f"repo {TAESD}, file {TAESD_WEIGHTS}",
+        "c3dbf7eb" * 8,
+        taesd.sha256,
+        "X-Linked-Etag",
+        f"commit {hub.hub.head(TAESD)}",
+        f"WEIGHTS_MANIFEST={hub.manifest} python scripts/weights.py pin {TURBO}",
+        f"WEIGHTS_MANIFEST={hub.manifest} python scripts/weights.py pin {TAESD}",
+    ):
         assert needle in msg, (needle, msg)
     # The LFS pin was contradicted by the Hub's HEAD: that file was never downloaded.
     assert not hub.hub.seen(method="GET", contains=TAESD_WEIGHTS) and not hub.hub.seen("cdn", contains=taesd.sha256)
@@ -158,8 +188,11 @@ def test_files_trusted_on_first_download_must_match_what_the_hub_says_of_them(hu
 def test_expired_signed_urls_are_renewed_at_the_origin(tmp_path, tiny_weights):
     s = Setup(tmp_path, tiny_weights, url_ttl=0.25, cdn_rate=4 * MiB)
     try:
-        s.ensure(tuning=Tuning(connections=2, files=1, chunk_size=256 << 10, timeout=5, retries=2,
-                                   backoff=0.05, progress_seconds=30))
+        s.ensure(
+            tuning=Tuning(
+                connections=2, files=1, chunk_size=256 << 10, timeout=5, retries=2, backoff=0.05, progress_seconds=30
+            )
+        )
         expired = [x for x in s.hub.seen("cdn") if x.status == 403]
         assert expired, "no signed URL outlived its expiry: the test proves nothing"
         assert not [line for line in s.lines if "retry" in line], s.lines  # renewing is not a failure
@@ -226,6 +259,7 @@ def test_pin_refuses_a_server_that_does_not_vouch_for_its_files(hub, tmp_path, t
     tree = tmp_path / "plain" / TURBO / "resolve"
     tree.mkdir(parents=True)
     (tree / "main").symlink_to(tiny_weights / TURBO)
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -247,8 +281,14 @@ def test_an_unreachable_hub_fails_setup_within_a_minute_with_one_message(tmp_pat
     env = {**os.environ, "WEIGHTS_BASE_URL": base, "WEIGHTS_DIR": str(tmp_path / "weights"), "PYTHONUNBUFFERED": "1"}
     env.pop("WEIGHTS_MANIFEST", None)
     started = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "lib.local", "-i", "prompt=a test", "-i", f"mode={MODE}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lib.local", "-i", "prompt=a test", "-i", f"mode={MODE}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.monotonic() - started
     assert r.returncode == 1 and elapsed < 60, (elapsed, r.stderr[-2000:])
     out = r.stdout + r.stderr

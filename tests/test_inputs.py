@@ -22,16 +22,19 @@ def test_random_seed_is_32_bit_and_reported():
     assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)
 
 
-@pytest.mark.parametrize("mode, steps, strength, expected", [
-    ("sd-turbo", 4, 1.0, (4, 4)),
-    ("sd-turbo", 4, 0.5, (4, 2)),
-    ("sdxl-turbo", 1, 0.5, (2, 1)),      # int(1 * 0.5) == 0: lengthened to 2 steps, the last one runs
-    ("sdxl-turbo", 1, 0.02, (50, 1)),
-    ("lcm-lora-sd15", 2, 0.3, (4, 1)),
-    ("lcm", 4, 1.0, (4, 4)),
-    ("lcm", 8, 0.1, (5, 5)),             # the LCM pipeline picks steps within int(50 * strength)
-    ("lcm", 4, 0.02, (1, 1)),
-])
+@pytest.mark.parametrize(
+    "mode, steps, strength, expected",
+    [
+        ("sd-turbo", 4, 1.0, (4, 4)),
+        ("sd-turbo", 4, 0.5, (4, 2)),
+        ("sdxl-turbo", 1, 0.5, (2, 1)),  # int(1 * 0.5) == 0: lengthened to 2 steps, the last one runs
+        ("sdxl-turbo", 1, 0.02, (50, 1)),
+        ("lcm-lora-sd15", 2, 0.3, (4, 1)),
+        ("lcm", 4, 1.0, (4, 4)),
+        ("lcm", 8, 0.1, (5, 5)),  # the LCM pipeline picks steps within int(50 * strength)
+        ("lcm", 4, 0.02, (1, 1)),
+    ],
+)
 def test_img2img_always_runs_at_least_one_step(mode, steps, strength, expected):
     assert denoising_schedule(MODES[mode], steps, strength) == expected
 
@@ -51,8 +54,11 @@ def test_fit_to_area_keeps_aspect_in_multiples_of_8():
 def test_error_names_mode_and_range():
     with pytest.raises(InputError, match=r"num_inference_steps: 6 is not allowed for mode sdxl-turbo; allowed: 1 to 4"):
         resolve_request(enabled=ALL, prompt="x", mode="sdxl-turbo", num_inference_steps=6)
-    with pytest.raises(InputError, match=r"guidance_scale: 0.5 is not allowed for mode lcm-lora-sdxl; "
-                                         r"allowed: exactly 0 or 1 to 2"):
+    with pytest.raises(
+        InputError,
+        match=r"guidance_scale: 0.5 is not allowed for mode lcm-lora-sdxl; "
+        r"allowed: exactly 0 or 1 to 2",
+    ):
         resolve_request(enabled=ALL, prompt="x", mode="lcm-lora-sdxl", guidance_scale=0.5)
 
 

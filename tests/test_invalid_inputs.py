@@ -10,11 +10,17 @@ def mode_limit_cases():
     """Each limit of each mode: steps just outside the range, guidance just outside what is allowed."""
     for m in MODES.values():
         lo, hi = m.steps.range
-        yield pytest.param(dict(mode=m.name, num_inference_steps=lo - 1), "num_inference_steps", id=f"{m.name}-steps-low")
-        yield pytest.param(dict(mode=m.name, num_inference_steps=hi + 1), "num_inference_steps", id=f"{m.name}-steps-high")
+        yield pytest.param(
+            dict(mode=m.name, num_inference_steps=lo - 1), "num_inference_steps", id=f"{m.name}-steps-low"
+        )
+        yield pytest.param(
+            dict(mode=m.name, num_inference_steps=hi + 1), "num_inference_steps", id=f"{m.name}-steps-high"
+        )
         if m.guidance.range:
             g_lo, g_hi = m.guidance.range
-            yield pytest.param(dict(mode=m.name, guidance_scale=g_hi + 0.5), "guidance_scale", id=f"{m.name}-guidance-high")
+            yield pytest.param(
+                dict(mode=m.name, guidance_scale=g_hi + 0.5), "guidance_scale", id=f"{m.name}-guidance-high"
+            )
             below = (g_lo + max(m.guidance.values, default=g_lo - 1)) / 2 if m.guidance.values else g_lo - 0.5
             yield pytest.param(dict(mode=m.name, guidance_scale=below), "guidance_scale", id=f"{m.name}-guidance-gap")
         else:

@@ -25,19 +25,40 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib.jobs.receiver import Receiver
 from lib.jobs.ledger import Ledger
+from lib.jobs.receiver import Receiver
 from lib.jobs.webhooks import Authenticator, sign, signed_headers, verify_signature
+from lib.testkit import replicate
 from lib.testkit.cog_server import ROOT, WEBHOOK_TOKEN, free_port, shared_server
 
 SECRET = "whsec_" + base64.b64encode(b"test signing secret, 32 bytes!!").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody else's secret, 32 byte").decode()
 JOBS = [
     {"id": "fox", "input": {"prompt": "a fox", "mode": "sd-turbo", "width": 256, "height": 256, "seed": 1}},
-    {"id": "owl", "input": {"prompt": "an owl", "mode": "lcm", "width": 256, "height": 320, "num_inference_steps": 2,
-                            "num_outputs": 2, "seed": 2, "output_format": "png"}},
-    {"id": "elk", "input": {"prompt": "an elk", "mode": "lcm-lora-sd15", "width": 256, "height": 256, "seed": 3,
-                            "output_format": "jpg"}},
+    {
+        "id": "owl",
+        "input": {
+            "prompt": "an owl",
+            "mode": "lcm",
+            "width": 256,
+            "height": 320,
+            "num_inference_steps": 2,
+            "num_outputs": 2,
+            "seed": 2,
+            "output_format": "png",
+        },
+    },
+    {
+        "id": "elk",
+        "input": {
+            "prompt": "an elk",
+            "mode": "lcm-lora-sd15",
+            "width": 256,
+            "height": 256,
+            "seed": 3,
+            "output_format": "jpg",
+        },
+    },
     {"prompt": "a yak", "mode": "sdxl-turbo", "width": 256, "height": 256, "seed": 4},  # no id: key line-4
 ]
 
@@ -48,8 +69,14 @@ def server(tmp_path_factory, pytestconfig):
 
 
 def cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/jobs.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "scripts/jobs.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 class ReceiverProcess:
@@ -64,9 +91,24 @@ class ReceiverProcess:
     def start(self) -> "ReceiverProcess":
         env = {**os.environ, "REPLICATE_WEBHOOK_SECRET": SECRET, "WEBHOOK_AUTH_TOKEN": WEBHOOK_TOKEN}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "scripts/jobs.py", "--ledger", str(self.ledger), "receive",
-                                          "--port", str(self.port), "--out", str(self.out)], cwd=ROOT, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "scripts/jobs.py",
+                    "--ledger",
+                    str(self.ledger),
+                    "receive",
+                    "--port",
+                    str(self.port),
+                    "--out",
+                    str(self.out),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
@@ -114,8 +156,9 @@ def assert_complete(ledger: Ledger, jobs=JOBS) -> None:
 # -- the batch on the real server -----------------------------------------------------------------------------
 def test_a_batch_runs_to_completion_with_every_image_on_disk(server, receiver, tmp_path):
     batch = write_jobs(tmp_path / "batch.jsonl", JOBS + [{"id": "bad", "input": {"prompt": "x", "num_outputs": 9}}])
-    r = cli("--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--cog-url", server.url,
-            "--wait", 180)
+    r = cli(
+        "--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--cog-url", server.url, "--wait", 180
+    )
     assert r.returncode == 1, r.stdout + r.stderr  # one job failed, on purpose
     ledger = Ledger(receiver.ledger)
     assert_complete(ledger)
@@ -133,12 +176,12 @@ def test_a_batch_runs_to_completion_with_every_image_on_disk(server, receiver, t
 def test_refused_jobs_are_resubmitted(server, receiver, tmp_path):
     batch = write_jobs(tmp_path / "batch.jsonl", JOBS[:2])
     dead = f"http://127.0.0.1:{free_port()}"
-    r = cli("--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--cog-url", dead,
-            "--patience", 0.3)
+    r = cli(
+        "--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--cog-url", dead, "--patience", 0.3
+    )
     assert r.returncode == 1 and "refused 2" in r.stdout, r.stdout + r.stderr
     assert Ledger(receiver.ledger).counts() == {"submit_failed": 2}
-    r = cli("--ledger", receiver.ledger, "resubmit", "--webhook", receiver.url, "--cog-url", server.url,
-            "--wait", 120)
+    r = cli("--ledger", receiver.ledger, "resubmit", "--webhook", receiver.url, "--cog-url", server.url, "--wait", 120)
     assert r.returncode == 0, r.stdout + r.stderr
     ledger = Ledger(receiver.ledger)
     assert_complete(ledger, JOBS[:2])
@@ -146,12 +189,41 @@ def test_refused_jobs_are_resubmitted(server, receiver, tmp_path):
 
 
 def test_receiver_killed_and_restarted_mid_batch_loses_nothing(server, receiver, tmp_path):
-    jobs = [{"id": f"j{i}", "input": {"prompt": f"job {i}", "mode": "lcm", "width": 320, "height": 320,
-                                      "num_inference_steps": 3, "seed": 100 + i}} for i in range(6)]
+    jobs = [
+        {
+            "id": f"j{i}",
+            "input": {
+                "prompt": f"job {i}",
+                "mode": "lcm",
+                "width": 320,
+                "height": 320,
+                "num_inference_steps": 3,
+                "seed": 100 + i,
+            },
+        }
+        for i in range(6)
+    ]
     batch = write_jobs(tmp_path / "batch.jsonl", jobs)
-    runner = subprocess.Popen([sys.executable, "scripts/jobs.py", "--ledger", str(receiver.ledger), "submit", str(batch),
-                               "--webhook", receiver.url, "--cog-url", server.url, "--wait", "180"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/jobs.py",
+            "--ledger",
+            str(receiver.ledger),
+            "submit",
+            str(batch),
+            "--webhook",
+            receiver.url,
+            "--cog-url",
+            server.url,
+            "--wait",
+            "180",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ledger = Ledger(receiver.ledger)
     deadline = time.monotonic() + 120
     while ledger.counts().get("succeeded", 0) < 1:
@@ -174,8 +246,12 @@ def test_receiver_killed_and_restarted_mid_batch_loses_nothing(server, receiver,
 @pytest.fixture
 def local_receiver(tmp_path):
     """A Receiver on a thread, with a job 'cat' in its ledger (attempt 1, prediction p-1)."""
-    receiver = Receiver(tmp_path / "ledger.sqlite", tmp_path / "images",
-                        Authenticator(secret=SECRET, token=WEBHOOK_TOKEN), log=lambda m: None)
+    receiver = Receiver(
+        tmp_path / "ledger.sqlite",
+        tmp_path / "images",
+        Authenticator(secret=SECRET, token=WEBHOOK_TOKEN),
+        log=lambda m: None,
+    )
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.add("cat", {"prompt": "a cat"})
     ledger.submitted("cat", ledger.new_attempt("cat", "p-1"), "p-1")
@@ -184,8 +260,12 @@ def local_receiver(tmp_path):
     url = f"http://127.0.0.1:{srv.server_address[1]}/webhook?job=cat&attempt=1"
 
     def post(body: bytes, headers: dict, query: str | None = None) -> tuple[int, dict]:
-        req = urllib.request.Request(url if query is None else url.split("?")[0] + "?" + query, body,
-                                     {"Content-Type": "application/json", **headers}, method="POST")
+        req = urllib.request.Request(
+            url if query is None else url.split("?")[0] + "?" + query,
+            body,
+            {"Content-Type": "application/json", **headers},
+            method="POST",
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, json.loads(r.read())
@@ -214,8 +294,10 @@ def test_forged_and_expired_signatures_are_rejected_and_a_resend_is_acknowledged
     good = signed_headers(SECRET, body)
     rejected = {
         "forged": signed_headers(OTHER_SECRET, body),
-        "tampered": {**good, "webhook-signature": sign(SECRET, good["webhook-id"], good["webhook-timestamp"],
-                                                       body + b" ")},
+        "tampered": {
+            **good,
+            "webhook-signature": sign(SECRET, good["webhook-id"], good["webhook-timestamp"], body + b" "),
+        },
         "expired": signed_headers(SECRET, body, timestamp=int(time.time()) - 301),
         "from the future": signed_headers(SECRET, body, timestamp=int(time.time()) + 301),
         "garbled": {**good, "webhook-signature": "v1,@@@ v2," + good["webhook-signature"][3:]},
@@ -233,10 +315,17 @@ def test_forged_and_expired_signatures_are_rejected_and_a_resend_is_acknowledged
     assert len(ledger.events()) == 1 and ledger.get("cat")["state"] == "processing"
     # A signature made here is one Replicate's own client accepts, and a multi-signature header (secret
     # rotation) passes when any v1 entry matches.
-    from replicate.webhook import WebhookSigningSecret, Webhooks
+    from replicate.webhook import Webhooks, WebhookSigningSecret
 
     Webhooks.validate(headers=good, body=body.decode(), secret=WebhookSigningSecret(key=SECRET), tolerance=300)
-    rotated = {**good, "webhook-signature": f"{signed_headers(OTHER_SECRET, body, good['webhook-id'], int(good['webhook-timestamp']))['webhook-signature']} {good['webhook-signature']}"}
+    rotated = {
+        **good,
+        "webhook-signature": signed_headers(OTHER_SECRET, body, good["webhook-id"], int(good["webhook-timestamp"]))[
+            "webhook-signature"
+        ]
+        + " "
+        + good["webhook-signature"],
+    }
     assert verify_signature(rotated, body, SECRET) == good["webhook-id"]
 
 
@@ -252,12 +341,14 @@ def test_resends_signed_by_the_standard_webhooks_library_are_acknowledged_and_ap
 
     def signed(msg_id: str, body: bytes) -> dict:
         now = datetime.now(tz=timezone.utc)
-        return {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())),
-                "webhook-signature": sender.sign(msg_id, now, body.decode())}
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": sender.sign(msg_id, now, body.decode()),
+        }
 
     processing = event("processing", [png_uri("red")], "step 1/2\n")
-    final = event("succeeded", [png_uri("red"), png_uri("blue")], "step 1/2\nstep 2/2\n",
-                  metrics={"predict_time": 0.5})
+    final = event("succeeded", [png_uri("red"), png_uri("blue")], "step 1/2\nstep 2/2\n", metrics={"predict_time": 0.5})
     for msg_id, body, state in (("msg_processing", processing, "processing"), ("msg_final", final, "succeeded")):
         headers = signed(msg_id, body)
         sender.verify(body, headers)  # the reference library accepts what it signed
@@ -271,8 +362,9 @@ def test_resends_signed_by_the_standard_webhooks_library_are_acknowledged_and_ap
     assert len(ledger.events()) == 2
     # Our own signer and the reference library agree, byte for byte.
     now = int(time.time())
-    assert sign(SECRET, "msg_x", now, final) == sender.sign("msg_x", datetime.fromtimestamp(now, timezone.utc),
-                                                           final.decode())
+    assert sign(SECRET, "msg_x", now, final) == sender.sign(
+        "msg_x", datetime.fromtimestamp(now, timezone.utc), final.decode()
+    )
 
 
 def test_duplicates_are_stored_once_and_late_events_never_overwrite_terminal_ones(local_receiver):
@@ -335,12 +427,7 @@ class ReplicateStandIn:
                     return self._send(200, data, "image/" + self.path.rsplit(".", 1)[1])
                 m = re.fullmatch(r"/v1/models/([\w-]+)/([\w-]+)", self.path)
                 if m:
-                    return self._json(200, {"url": f"https://replicate.com/{m[1]}/{m[2]}", "owner": m[1],
-                                            "name": m[2], "description": None, "visibility": "private",
-                                            "github_url": None, "paper_url": None, "license_url": None,
-                                            "run_count": 0, "cover_image_url": None, "default_example": None,
-                                            "latest_version": {"id": stand_in.VERSION, "created_at": "2026-11-22T00:00:00Z",
-                                                               "cog_version": "0.23.1", "openapi_schema": {}}})
+                    return self._json(200, replicate.model(m[1], m[2], stand_in.VERSION))
                 self._json(404, {"detail": "not found"})
 
             def do_POST(self):
@@ -353,14 +440,10 @@ class ReplicateStandIn:
                 self._json(201, stand_in.create(body, self.path))
 
             def _json(self, code, obj):
-                self._send(code, json.dumps(obj).encode(), "application/json")
+                replicate.send_json(self, code, obj)
 
             def _send(self, code, data, ctype):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                replicate.send(self, code, data, ctype)
 
             def log_message(self, *args):
                 pass
@@ -373,9 +456,12 @@ class ReplicateStandIn:
     def create(self, body: dict, path: str) -> dict:
         pid = f"rep{next(self.ids)}"
         self.hooks[pid] = (body["webhook"], body)
-        req = urllib.request.Request(f"{self.cog_url}/predictions", json.dumps({
-            "id": pid, "input": body["input"], "webhook": f"{self.url}/cog-hook/{pid}"}).encode(),
-            {"Content-Type": "application/json", "Prefer": "respond-async"}, method="POST")
+        req = urllib.request.Request(
+            f"{self.cog_url}/predictions",
+            json.dumps({"id": pid, "input": body["input"], "webhook": f"{self.url}/cog-hook/{pid}"}).encode(),
+            {"Content-Type": "application/json", "Prefer": "respond-async"},
+            method="POST",
+        )
         while True:  # the Cog server runs one at a time; Replicate queues
             try:
                 urllib.request.urlopen(req, timeout=30).read()
@@ -387,27 +473,39 @@ class ReplicateStandIn:
 
     def prediction(self, pid: str, cog: dict) -> dict:
         _, body = self.hooks[pid]
-        return {"id": pid, "model": "owner/fast-sd", "version": body.get("version", self.VERSION),
-                "input": body["input"], "output": cog.get("output"), "logs": cog.get("logs", ""),
-                "error": cog.get("error"), "status": cog["status"], "metrics": cog.get("metrics"),
-                "created_at": "2026-11-22T00:00:00Z", "started_at": None, "completed_at": None,
-                "urls": {"get": f"{self.url}/v1/predictions/{pid}", "cancel": f"{self.url}/v1/predictions/{pid}/cancel"}}
+        return {
+            "id": pid,
+            "model": "owner/fast-sd",
+            "version": body.get("version", self.VERSION),
+            "input": body["input"],
+            "output": cog.get("output"),
+            "logs": cog.get("logs", ""),
+            "error": cog.get("error"),
+            "status": cog["status"],
+            "metrics": cog.get("metrics"),
+            "created_at": "2026-11-22T00:00:00Z",
+            "started_at": None,
+            "completed_at": None,
+            "urls": {"get": f"{self.url}/v1/predictions/{pid}", "cancel": f"{self.url}/v1/predictions/{pid}/cancel"},
+        }
 
     def relay(self, pid: str, cog: dict) -> int:
         webhook, body = self.hooks[pid]
         wanted = {"starting": "start", "processing": "output" if cog.get("output") else "logs"}.get(
-            cog["status"], "completed")
+            cog["status"], "completed"
+        )
         if wanted not in body.get("webhook_events_filter", [wanted]):
             return 200
         urls = []
         for i, uri in enumerate(cog.get("output") or []):
             raw = base64.b64decode(uri.split(",", 1)[1])
-            name = f"/files/{pid}/out-{i}.{uri[len('data:image/'):uri.index(';')].replace('jpeg', 'jpg')}"
+            name = f"/files/{pid}/out-{i}.{uri[len('data:image/') : uri.index(';')].replace('jpeg', 'jpg')}"
             self.files[name] = raw
             urls.append(self.url + name)
         payload = json.dumps(self.prediction(pid, {**cog, "output": urls or None})).encode()
-        req = urllib.request.Request(webhook, payload, {"Content-Type": "application/json",
-                                                        **signed_headers(SECRET, payload)}, method="POST")
+        req = urllib.request.Request(
+            webhook, payload, {"Content-Type": "application/json", **signed_headers(SECRET, payload)}, method="POST"
+        )
         try:
             return urllib.request.urlopen(req, timeout=30).status
         except urllib.error.HTTPError as e:
@@ -420,8 +518,19 @@ def test_a_batch_through_the_replicate_api(server, receiver, tmp_path):
     api = ReplicateStandIn(server.url)
     batch = write_jobs(tmp_path / "batch.jsonl", JOBS[:2])
     env = {"REPLICATE_API_TOKEN": "r8_test", "REPLICATE_BASE_URL": api.url}
-    r = cli("--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--model", "owner/fast-sd",
-            "--wait", 120, env=env)
+    r = cli(
+        "--ledger",
+        receiver.ledger,
+        "submit",
+        batch,
+        "--webhook",
+        receiver.url,
+        "--model",
+        "owner/fast-sd",
+        "--wait",
+        120,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     ledger = Ledger(receiver.ledger)
     assert_complete(ledger, JOBS[:2])
@@ -430,6 +539,17 @@ def test_a_batch_through_the_replicate_api(server, receiver, tmp_path):
     assert path == "/v1/predictions" and body["version"] == ReplicateStandIn.VERSION
     assert body["input"] == JOBS[0]["input"] and body["webhook"].startswith(receiver.url + "?job=fox&attempt=1")
     assert body["webhook_events_filter"] == ["start", "output", "logs", "completed"]
-    r = cli("--ledger", receiver.ledger, "submit", write_jobs(tmp_path / "d.jsonl", [JOBS[2]]), "--webhook",
-            receiver.url, "--deployment", "owner/fast-sd-prod", "--wait", 120, env=env)
+    r = cli(
+        "--ledger",
+        receiver.ledger,
+        "submit",
+        write_jobs(tmp_path / "d.jsonl", [JOBS[2]]),
+        "--webhook",
+        receiver.url,
+        "--deployment",
+        "owner/fast-sd-prod",
+        "--wait",
+        120,
+        env=env,
+    )
     assert r.returncode == 0 and api.requests[-1][0] == "/v1/deployments/owner/fast-sd-prod/predictions", r.stdout

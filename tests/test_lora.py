@@ -18,9 +18,9 @@ import torch
 import urllib3.util.connection
 from safetensors.torch import save, save_file
 
-from lib.loras import apply, cache, check, fetch
 from lib.engine.engine import Cancelled
 from lib.engine.inputs import InputError
+from lib.loras import apply, cache, check, fetch
 from lib.testkit.servers import FaultProxy, Nginx
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -31,8 +31,9 @@ BASE = dict(prompt="a lighthouse at dusk", width=256, height=256, seed=11, outpu
 # -- tiny LoRA files -----------------------------------------------------------------------------------------------
 def _layers(module, targets):
     for name, m in module.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t)
-                                                                      for t in targets):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(
+            name == t or name.endswith("." + t) for t in targets
+        ):
             yield name, m
 
 
@@ -80,8 +81,12 @@ def peft_lora(pipe, seed: int, text: bool = True) -> dict:
 
 def snapshot(pipe) -> dict:
     """Every weight of the modules a LoRA touches, copied."""
-    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder", "text_encoder_2")
-            if getattr(pipe, c, None) is not None for k, v in getattr(pipe, c).state_dict().items()}
+    return {
+        f"{c}.{k}": v.clone()
+        for c in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(pipe, c, None) is not None
+        for k, v in getattr(pipe, c).state_dict().items()
+    }
 
 
 def assert_untouched(pipe, before: dict) -> None:
@@ -139,15 +144,17 @@ def read(paths) -> list[bytes]:
 
 
 # -- layouts, scale, isolation -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode,name", [("lcm", "kohya-sd15"), ("sd-turbo", "peft-sd-turbo"),
-                                       ("sdxl-turbo", "kohya-sdxl")],
-                         ids=["kohya-sd15-with-text-encoder", "diffusers-layout", "kohya-sdxl-two-text-encoders"])
+@pytest.mark.parametrize(
+    "mode,name",
+    [("lcm", "kohya-sd15"), ("sd-turbo", "peft-sd-turbo"), ("sdxl-turbo", "kohya-sdxl")],
+    ids=["kohya-sd15-with-text-encoder", "diffusers-layout", "kohya-sdxl-two-text-encoders"],
+)
 def test_style_lora_changes_the_images_and_leaves_no_trace(predictor, run, server, mode, name):
     pipe = predictor.engine.modes[mode].txt2img
     before = snapshot(pipe)
     base, _ = run(**BASE, mode=mode, num_outputs=2)
     styled, metrics = run(**BASE, mode=mode, num_outputs=2, lora_url=f"{server.url}/{name}.safetensors")
-    assert all(a != b for a, b in zip(read(base), read(styled))), "the LoRA changed nothing"
+    assert all(a != b for a, b in zip(read(base), read(styled), strict=True)), "the LoRA changed nothing"
     assert metrics["lora_cache_hit"] is False and metrics["timings.lora_fetch"] > 0
     assert metrics["timings.lora_load"] > 0
     again, _ = run(**BASE, mode=mode, num_outputs=2)
@@ -188,8 +195,10 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
     before = snapshot(pipe)
     style = cache.fetch(f"{server.url}/kohya-sd15-b.safetensors")
     g = torch.Generator().manual_seed(0)
-    sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, pipe.unet.config.cross_attention_dim,
-                                                                     generator=g)
+    sample, text = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g),
+    )
 
     def unet_out(p):
         with torch.no_grad():
@@ -200,9 +209,16 @@ def test_combined_with_the_fused_lcm_lora_as_two_adapters(predictor, run, server
         fused_styled = unet_out(pipe)
 
     reference = StableDiffusionPipeline.from_pretrained(
-        tiny_weights / mode.weights.repo.repo_id, variant="fp16", dtype=torch.float32, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    reference.load_lora_weights(tiny_weights / mode.weights.lora.repo_id, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+        tiny_weights / mode.weights.repo.repo_id,
+        variant="fp16",
+        dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.load_lora_weights(
+        tiny_weights / mode.weights.lora.repo_id, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm"
+    )
     reference.load_lora_weights(apply.load_state_dict(style), adapter_name="style")
     reference.set_adapters(["lcm", "style"], [1.0, 0.7])
     two_adapters = unet_out(reference)
@@ -224,8 +240,10 @@ def test_fused_qkv_attention_is_bypassed_while_the_lora_is_on_and_restored(tiny_
     pipe = load_modes(tiny_weights, ("sd-turbo",), torch.device("cpu"), torch.float32)["sd-turbo"].txt2img
     style = cache.fetch(f"{server.url}/peft-sd-turbo.safetensors")
     g = torch.Generator().manual_seed(0)
-    sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, pipe.unet.config.cross_attention_dim,
-                                                                     generator=g)
+    sample, text = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g),
+    )
 
     def unet_out():
         with torch.no_grad():
@@ -279,7 +297,9 @@ def test_non_safetensors_files_are_refused_without_being_loaded(run, server, lor
 def test_too_big_is_refused_on_content_length(run, server, files, lora_env, monkeypatch):
     size = (files / "kohya-sd15.safetensors").stat().st_size
     monkeypatch.setenv("LORA_MAX_BYTES", str(size - 1))
-    with pytest.raises(InputError, match=r"lora_url: the file is [\d.]+ MB; allowed: up to [\d.]+ MB \(LORA_MAX_BYTES\)"):
+    with pytest.raises(
+        InputError, match=r"lora_url: the file is [\d.]+ MB; allowed: up to [\d.]+ MB \(LORA_MAX_BYTES\)"
+    ):
         run(**BASE, mode="lcm", lora_url=f"{server.url}/kohya-sd15.safetensors")
     assert not list(lora_env.glob("*"))
 
@@ -296,20 +316,23 @@ def _file(n_floats: int, note: str = "") -> bytes:
     return save({"lora_unet_x.lora_down.weight": torch.zeros(n_floats)}, metadata={"note": note})
 
 
-@pytest.mark.parametrize("case,message", [
-    ("over the cap while streaming", "larger than"),
-    ("header declares too much", "allowed: up to"),
-    ("longer than the header", "longer than its safetensors header"),
-    ("truncated", "ended after"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("over the cap while streaming", "larger than"),
+        ("header declares too much", "allowed: up to"),
+        ("longer than the header", "longer than its safetensors header"),
+        ("truncated", "ended after"),
+    ],
+)
 def test_size_is_checked_while_streaming(tmp_path, case, message):
     """No Content-Length (chunked): the cap and the header's size are enforced on the bytes as they come."""
     data = _file(1000)
-    limit = 10 ** 6
-    chunks = [data[i: i + 1000] for i in range(0, len(data), 1000)]
+    limit = 10**6
+    chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
     if case == "over the cap while streaming":  # a header longer than the cap: refused before it is complete
         data = _file(10, note="x" * 5000)
-        limit, chunks = 3000, [data[i: i + 1000] for i in range(0, len(data), 1000)]
+        limit, chunks = 3000, [data[i : i + 1000] for i in range(0, len(data), 1000)]
     elif case == "header declares too much":
         limit = len(data) - 1
     elif case == "longer than the header":
@@ -320,21 +343,24 @@ def test_size_is_checked_while_streaming(tmp_path, case, message):
         fetch._stream(FakeResponse(chunks), tmp_path / "x.part", limit, deadline=float("inf"))
 
 
-@pytest.mark.parametrize("url,reason", [
-    ("http://example.com/style.safetensors", "uses http; only https URLs are allowed"),
-    ("https://127.0.0.1/style.safetensors", "a loopback address"),
-    ("https://169.254.169.254/latest/meta-data", "a cloud metadata address"),
-    ("https://168.63.129.16/machine", "a cloud metadata address"),
-    ("https://10.1.2.3/style.safetensors", "a private address"),
-    ("https://192.168.0.10/style.safetensors", "a private address"),
-    ("https://[::1]/style.safetensors", "a loopback address"),
-    ("https://[::ffff:10.0.0.1]/style.safetensors", "a private address"),
-    ("https://[fe80::1]/style.safetensors", "a link-local address"),
-    ("https://100.64.0.1/style.safetensors", "not a public address"),
-    ("https://0.0.0.0/style.safetensors", "address"),
-    ("https://user:secret@example.com/style.safetensors", "credentials"),
-    ("file:///etc/passwd", "not an https URL"),
-])
+@pytest.mark.parametrize(
+    "url,reason",
+    [
+        ("http://example.com/style.safetensors", "uses http; only https URLs are allowed"),
+        ("https://127.0.0.1/style.safetensors", "a loopback address"),
+        ("https://169.254.169.254/latest/meta-data", "a cloud metadata address"),
+        ("https://168.63.129.16/machine", "a cloud metadata address"),
+        ("https://10.1.2.3/style.safetensors", "a private address"),
+        ("https://192.168.0.10/style.safetensors", "a private address"),
+        ("https://[::1]/style.safetensors", "a loopback address"),
+        ("https://[::ffff:10.0.0.1]/style.safetensors", "a private address"),
+        ("https://[fe80::1]/style.safetensors", "a link-local address"),
+        ("https://100.64.0.1/style.safetensors", "not a public address"),
+        ("https://0.0.0.0/style.safetensors", "address"),
+        ("https://user:secret@example.com/style.safetensors", "credentials"),
+        ("file:///etc/passwd", "not an https URL"),
+    ],
+)
 def test_http_and_inward_addresses_are_refused_without_the_switch(monkeypatch, url, reason):
     monkeypatch.delenv("LORA_ALLOW_HTTP")
     with pytest.raises(InputError) as err:
@@ -347,8 +373,11 @@ def test_host_names_are_checked_on_every_address_they_resolve_to(monkeypatch):
     """A public-looking name that resolves inward is refused at connect time (the resolver is faked: no network),
     also when only one of its addresses is inward."""
     monkeypatch.delenv("LORA_ALLOW_HTTP")
-    answers = {"internal.example": ["10.0.0.7"], "metadata.example": ["169.254.169.254"],
-               "mixed.example": ["93.184.216.34", "127.0.0.1"]}
+    answers = {
+        "internal.example": ["10.0.0.7"],
+        "metadata.example": ["169.254.169.254"],
+        "mixed.example": ["93.184.216.34", "127.0.0.1"],
+    }
     real = socket.getaddrinfo
     connected = []
 
@@ -363,9 +392,12 @@ def test_host_names_are_checked_on_every_address_they_resolve_to(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     monkeypatch.setattr(urllib3.util.connection, "create_connection", no_connection)
-    for host, why in (("internal.example", "10.0.0.7, a private address"),
-                      ("metadata.example", "169.254.169.254, a cloud metadata address"),
-                      ("mixed.example", "127.0.0.1, a loopback address"), ("localhost", "a loopback address")):
+    for host, why in (
+        ("internal.example", "10.0.0.7, a private address"),
+        ("metadata.example", "169.254.169.254, a cloud metadata address"),
+        ("mixed.example", "127.0.0.1, a loopback address"),
+        ("localhost", "a loopback address"),
+    ):
         with pytest.raises(InputError, match=f"lora_url: host {host} resolves to .*{why}"):
             cache.fetch(f"https://{host}/style.safetensors")
     assert not connected
@@ -486,8 +518,7 @@ def test_no_leak_after_a_cancel(predictor, run, server, tmp_path):
     pipe = engine.modes["lcm"].txt2img
     before = snapshot(pipe)
     base, _ = run(**BASE, mode="lcm", num_inference_steps=4)
-    request = engine.request(**BASE, mode="lcm", num_inference_steps=4,
-                             lora_url=f"{server.url}/kohya-sd15.safetensors")
+    request = engine.request(**BASE, mode="lcm", num_inference_steps=4, lora_url=f"{server.url}/kohya-sd15.safetensors")
     job = engine.job(request, tmp_path)
     steps = []
 
@@ -524,13 +555,17 @@ def test_lora_url_and_scale_are_part_of_the_batch_key(predictor):
 def test_lycoris_and_foreign_layouts_are_refused_clearly(predictor):
     pipe = predictor.engine.modes["lcm"].txt2img
     before = snapshot(pipe)
-    loha = {"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 4),
-            "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(1.0)}
+    loha = {
+        "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 4),
+        "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(1.0),
+    }
     with pytest.raises(InputError, match=r"lora_url: not a LoRA layout that can be read \(kohya or diffusers/peft\)"):
         with apply.style_lora(pipe, loha, 1.0, "lcm"):
             pass
-    flux = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
-            "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}
+    flux = {
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+    }
     with pytest.raises(InputError, match="lora_url: the file has layers for transformer"):
         with apply.style_lora(pipe, flux, 1.0, "lcm"):
             pass

@@ -16,24 +16,35 @@ from lib.engine import memory
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine, plan_memory
 from lib.engine.loading import ComponentLoader
-from lib.local import Metrics, collect, outputs, recording, run_inputs
 from lib.engine.modes import MODES
+from lib.local import Metrics, collect, outputs, recording, run_inputs
+from lib.settings import parse_bytes
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 SMALL = dict(width=256, height=256, seed=3, output_format="png")
 
 
-@pytest.mark.parametrize("text, value", [("123456", 123456), ("500MB", 500 * 10**6), ("20GB", 20 * 10**9),
-                                         ("20GiB", 20 * 2**30), ("20 gib", 20 * 2**30), ("1.5GB", 1_500_000_000),
-                                         ("64kb", 64_000), ("2TiB", 2 * 2**40)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("123456", 123456),
+        ("500MB", 500 * 10**6),
+        ("20GB", 20 * 10**9),
+        ("20GiB", 20 * 2**30),
+        ("20 gib", 20 * 2**30),
+        ("1.5GB", 1_500_000_000),
+        ("64kb", 64_000),
+        ("2TiB", 2 * 2**40),
+    ],
+)
 def test_budget_sizes(text, value):
-    assert memory.parse_bytes("DEVICE_MEMORY_BUDGET", text) == value
+    assert parse_bytes("DEVICE_MEMORY_BUDGET", text) == value
 
 
 @pytest.mark.parametrize("text", ["lots", "-5GB", "20XB", "GB", ""])
 def test_bad_budget_names_the_variable(text):
     with pytest.raises(ValueError, match=r"DEVICE_MEMORY_BUDGET: .* is not a size; allowed: .*20GiB"):
-        memory.parse_bytes("DEVICE_MEMORY_BUDGET", text)
+        parse_bytes("DEVICE_MEMORY_BUDGET", text)
 
 
 def unlimited_plan(tiny_weights) -> memory.Plan:
@@ -69,7 +80,8 @@ def test_the_plan_counts_shared_modules_once_and_what_each_mode_runs(tiny_weight
     turbo, base = plan.mode_modules["sdxl-turbo"], plan.mode_modules["lcm-lora-sdxl"]
     assert len(turbo & base) == 3  # the two SDXL text encoders and TAESDXL: one module each, in both modes
     assert plan.weights(["sdxl-turbo", "lcm-lora-sdxl"]) < plan.weights(["sdxl-turbo"]) + plan.weights(
-        ["lcm-lora-sdxl"])
+        ["lcm-lora-sdxl"]
+    )
     assert "safety_checker" in plan.always and plan.working > 0
     # The plan's bytes are what the loaded modules hold.
     engine = Engine.load(tiny_weights, tuple(MODES), CPU, FP32)
@@ -79,8 +91,7 @@ def test_the_plan_counts_shared_modules_once_and_what_each_mode_runs(tiny_weight
     assert 0 <= sum(loaded.values()) - plan.weights(MODES) < 0.001 * plan.weights(MODES)
 
 
-def test_modes_that_do_not_fit_wait_in_host_memory_and_move_in_when_asked(monkeypatch, tiny_weights, predictor,
-                                                                         capsys):
+def test_modes_that_do_not_fit_wait_in_host_memory_and_move_in_when_asked(monkeypatch, tiny_weights, predictor, capsys):
     plan = unlimited_plan(tiny_weights)
     budget = budget_for(plan, ["sdxl-turbo", "sd-turbo"])
     limited = setup_predictor(monkeypatch, tiny_weights, budget)
@@ -103,9 +114,12 @@ def test_modes_that_do_not_fit_wait_in_host_memory_and_move_in_when_asked(monkey
     # ...and the same as a server with room for every mode.
     assert before == run(predictor, prompt="a fox", mode="sdxl-turbo", **SMALL)[0]
     assert lcm == run(predictor, prompt="a fox", mode="lcm", **SMALL)[0]
-    on_device = {id(mod): mod for lm in limited.engine.modes.values() for mod in lm.modules()
-                 if id(mod) in residency.on_device}
-    resident_bytes = sum(map(memory.module_bytes, on_device.values())) + memory.module_bytes(limited.engine.safety.model)
+    on_device = {
+        id(mod): mod for lm in limited.engine.modes.values() for mod in lm.modules() if id(mod) in residency.on_device
+    }
+    resident_bytes = sum(map(memory.module_bytes, on_device.values())) + memory.module_bytes(
+        limited.engine.safety.model
+    )
     assert resident_bytes <= residency.plan.weights_budget
 
 
@@ -175,8 +189,12 @@ def test_warm_up_runs_on_the_serving_thread_and_never_judges_its_own_images(monk
         return real_flagged(self, images)
 
     monkeypatch.setattr(SafetyChecker, "flagged", flagged)
-    for k, v in {"WEIGHTS_DIR": str(tiny_weights), "WEIGHTS_OFFLINE": "1", "ENABLED_MODES": "sd-turbo,lcm",
-                 "SPEED_WARMUP": "1"}.items():
+    for k, v in {
+        "WEIGHTS_DIR": str(tiny_weights),
+        "WEIGHTS_OFFLINE": "1",
+        "ENABLED_MODES": "sd-turbo,lcm",
+        "SPEED_WARMUP": "1",
+    }.items():
         monkeypatch.setenv(k, v)
     p = Predictor()
     p.setup()  # would fail if the checker judged a warm-up image

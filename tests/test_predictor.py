@@ -96,8 +96,9 @@ def test_img2img_low_strength_runs_one_step(run, photo):
     # int(1 step * 0.1) == 0 would be an empty schedule: one step runs at strength 0.1's noise level instead.
     paths, metrics = run(prompt="x", mode="sdxl-turbo", width=256, height=256, image=photo, strength=0.1)
     assert len(metrics["timings.steps"]) == 1 == read_settings(paths[0])["denoising_steps"]
-    paths, metrics = run(prompt="x", mode="lcm", width=256, height=256, image=photo, strength=0.02,
-                         num_inference_steps=8)
+    paths, metrics = run(
+        prompt="x", mode="lcm", width=256, height=256, image=photo, strength=0.02, num_inference_steps=8
+    )
     assert len(metrics["timings.steps"]) == 1
 
 
@@ -107,8 +108,9 @@ def test_negative_prompt_without_guidance_is_logged(run, caplog):
     assert "negative_prompt ignored" in caplog.text and "sdxl-turbo" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        paths, _ = run(prompt="x", negative_prompt="blurry", mode="lcm-lora-sd15", guidance_scale=1.5,
-                       width=256, height=256)
+        paths, _ = run(
+            prompt="x", negative_prompt="blurry", mode="lcm-lora-sd15", guidance_scale=1.5, width=256, height=256
+        )
     assert "negative_prompt ignored" not in caplog.text
     assert read_settings(paths[0])["negative_prompt"] == "blurry"
 

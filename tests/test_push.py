@@ -15,14 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from lib.testkit.cog_server import ROOT
-
 from lib import push
+from lib.testkit import replicate
+from lib.testkit.cog_server import ROOT
 
 
 def push_cli(*args, path: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/push.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PATH": path, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "scripts/push.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": path, **(env or {})},
+    )
 
 
 def test_preflight_fails_clearly_without_cog_and_docker(tmp_path):
@@ -90,8 +96,15 @@ def test_dry_run_prints_every_step_and_runs_none(fake_tools):
     path, env, log = fake_tools
     r = push_cli("--model", "owner/fast-sd", "--smoke", "--dry-run", path=path, env=env)
     assert r.returncode == 0, r.stderr
-    for step in ("cog --version", "docker info", "cog login", ".dockerignore", "scripts/test.sh",
-                 "cog push r8.im/owner/fast-sd", "smoke prediction"):
+    for step in (
+        "cog --version",
+        "docker info",
+        "cog login",
+        ".dockerignore",
+        "scripts/test.sh",
+        "cog push r8.im/owner/fast-sd",
+        "smoke prediction",
+    ):
         assert step in r.stdout, step
     assert calls(log) == []
 
@@ -119,21 +132,30 @@ def test_dockerignore_check_catches_weights_headed_for_the_image(tmp_path):
 def test_smoke_prediction_prints_output_url_and_timing(fake_tools):
     path, env, _ = fake_tools
     version = "a" * 64
-    prediction = {"id": "smoke1", "model": "owner/fast-sd", "version": version, "input": push.SMOKE_INPUT,
-                  "logs": "", "error": None, "created_at": "2026-11-22T00:00:00Z", "started_at": None,
-                  "completed_at": None, "urls": {}}
+    prediction = {
+        "id": "smoke1",
+        "model": "owner/fast-sd",
+        "version": version,
+        "input": push.SMOKE_INPUT,
+        "logs": "",
+        "error": None,
+        "created_at": "2026-11-22T00:00:00Z",
+        "started_at": None,
+        "completed_at": None,
+        "urls": {},
+    }
 
     class Api(BaseHTTPRequestHandler):  # the two calls the smoke step makes, as api.replicate.com answers them
         def do_GET(self):
             if self.path == "/v1/models/owner/fast-sd":
-                body = {"url": "", "owner": "owner", "name": "fast-sd", "description": None, "visibility": "private",
-                        "github_url": None, "paper_url": None, "license_url": None, "run_count": 0,
-                        "cover_image_url": None, "default_example": None,
-                        "latest_version": {"id": version, "created_at": "2026-11-22T00:00:00Z",
-                                           "cog_version": "0.23.1", "openapi_schema": {}}}
+                body = replicate.model("owner", "fast-sd", version)
             else:
-                body = {**prediction, "status": "succeeded", "metrics": {"predict_time": 0.42},
-                        "output": ["https://replicate.delivery/xezq/out-0-1.webp"]}
+                body = {
+                    **prediction,
+                    "status": "succeeded",
+                    "metrics": {"predict_time": 0.42},
+                    "output": ["https://replicate.delivery/xezq/out-0-1.webp"],
+                }
             self._json(body)
 
         def do_POST(self):
@@ -141,12 +163,7 @@ def test_smoke_prediction_prints_output_url_and_timing(fake_tools):
             self._json({**prediction, "status": "starting", "output": None, "metrics": None})
 
         def _json(self, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            replicate.send_json(self, 200, obj)
 
         def log_message(self, *args):
             pass
@@ -154,9 +171,19 @@ def test_smoke_prediction_prints_output_url_and_timing(fake_tools):
     api = ThreadingHTTPServer(("127.0.0.1", 0), Api)
     threading.Thread(target=api.serve_forever, daemon=True).start()
     try:
-        r = push_cli("--model", "owner/fast-sd", "--skip-tests", "--smoke", path=path, env={
-            **env, "REPLICATE_API_TOKEN": "r8_test", "REPLICATE_BASE_URL": f"http://127.0.0.1:{api.server_port}",
-            "REPLICATE_POLL_INTERVAL": "0.05"})
+        r = push_cli(
+            "--model",
+            "owner/fast-sd",
+            "--skip-tests",
+            "--smoke",
+            path=path,
+            env={
+                **env,
+                "REPLICATE_API_TOKEN": "r8_test",
+                "REPLICATE_BASE_URL": f"http://127.0.0.1:{api.server_port}",
+                "REPLICATE_POLL_INTERVAL": "0.05",
+            },
+        )
     finally:
         api.shutdown()
     assert r.returncode == 0, r.stdout + r.stderr

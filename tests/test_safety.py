@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from lib.engine.batcher import Batcher
-from lib.local import Metrics, outputs, run_inputs
 from lib.engine.safety import AllImagesFlagged
+from lib.local import Metrics, outputs, run_inputs
 
 BASE = dict(prompt="a lighthouse at dusk", mode="sd-turbo", width=256, height=256, output_format="png")
 
@@ -77,8 +77,10 @@ def test_all_flagged_fails_with_a_clear_message(run, checker, predictor, caplog)
             collect(predictor, **run_inputs(predictor, **BASE, num_outputs=2, seed=5))
         finally:
             del predictor.record_metric
-    assert str(err.value) == ("all 2 image(s) were flagged by the safety checker as possibly not safe for work "
-                              "(NSFW) and dropped; try another prompt or seed")
+    assert str(err.value) == (
+        "all 2 image(s) were flagged by the safety checker as possibly not safe for work "
+        "(NSFW) and dropped; try another prompt or seed"
+    )
     assert metrics["nsfw_flagged"] == 2
     assert "safety checker: 2 of 2 image(s) flagged as possibly NSFW and dropped (seeds [5, 6])" in caplog.text
 
@@ -94,8 +96,10 @@ def test_some_flagged_are_dropped_and_the_rest_returned(run, checker, caplog):
     with torch.no_grad():
         cos = cosine_distance(model.visual_projection(model.vision_model(pixels)[1]), model.concept_embeds)
     # A concept and a threshold between two images' similarities, with a margin over the checker's rounding.
-    best = max(((c, i) for c in range(cos.shape[1]) for i in range(1, 4)),
-               key=lambda ci: torch.sort(cos[:, ci[0]]).values[ci[1]] - torch.sort(cos[:, ci[0]]).values[ci[1] - 1])
+    best = max(
+        ((c, i) for c in range(cos.shape[1]) for i in range(1, 4)),
+        key=lambda ci: torch.sort(cos[:, ci[0]]).values[ci[1]] - torch.sort(cos[:, ci[0]]).values[ci[1] - 1],
+    )
     concept, split = best
     values = torch.sort(cos[:, concept]).values
     assert values[split] - values[split - 1] > 0.004, "the tiny images are too alike to split"
@@ -111,8 +115,10 @@ def test_some_flagged_are_dropped_and_the_rest_returned(run, checker, caplog):
     assert [p.name for p in paths] == [reference[i].name for i in kept]  # out-<i>-<seed>: the same images
     assert [p.read_bytes() for p in paths] == [reference[i].read_bytes() for i in kept]
     seeds = [20 + i for i in flagged]
-    assert f"safety checker: {len(flagged)} of 4 image(s) flagged as possibly NSFW and dropped (seeds {seeds})" \
+    assert (
+        f"safety checker: {len(flagged)} of 4 image(s) flagged as possibly NSFW and dropped (seeds {seeds})"
         in caplog.text
+    )
 
 
 def test_in_a_batch_each_request_gets_its_own_outcome_from_one_checker_call(predictor, checker):
@@ -159,12 +165,17 @@ def test_safety_checker_off_switch_and_what_it_fetches(monkeypatch, tiny_weights
     lock = Lock(DEFAULT_MANIFEST.with_name("nonexistent.lock.json"))
     entries = plan(["sdxl-turbo"], manifest, lock, DEFAULT_MANIFEST, safety_checker=True)
     assert sorted(e.path for e in entries if e.repo_id == SD15.repo_id) == [
-        "feature_extractor/preprocessor_config.json", "model_index.json", "safety_checker/config.json",
-        "safety_checker/model.fp16.safetensors"]
+        "feature_extractor/preprocessor_config.json",
+        "model_index.json",
+        "safety_checker/config.json",
+        "safety_checker/model.fp16.safetensors",
+    ]
     assert not [e for e in plan(["sdxl-turbo"], manifest, lock, DEFAULT_MANIFEST) if e.repo_id == SD15.repo_id]
     checker_file = manifest["repos"][SD15.repo_id]["files"]["safety_checker/model.fp16.safetensors"]
-    assert checker_file == {"sha256": "08902f19b1cfebd7c989f152fc0507bef6898c706a91d666509383122324b511",
-                            "size": 608018440}
+    assert checker_file == {
+        "sha256": "08902f19b1cfebd7c989f152fc0507bef6898c706a91d666509383122324b511",
+        "size": 608018440,
+    }
     # With SD 1.5 enabled too, its repo is planned once with both sets of files.
     sd15 = [r for r in all_repos(MODES, safety_checker=True) if r.repo_id == SD15.repo_id]
     assert len(sd15) == 1 and set(SAFETY_CHECKER.components) < set(sd15[0].components)

@@ -1,6 +1,7 @@
 """The project behind the real Cog server (cog 0.23.1's `python -m cog.server.http`, as on Replicate and under
 `cog predict`): sync and async predictions, webhooks that stream each image, cancel, invalid inputs and faults.
-The server's setup() is a real cold start (tiny weights downloaded from nginx on loopback): lib/testkit/cog_server.py."""
+The server's setup() is a real cold start (tiny weights downloaded from nginx on loopback):
+lib/testkit/cog_server.py."""
 
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from PIL import Image
 
 from lib.engine.images import EXIF_IMAGE_DESCRIPTION
 from lib.engine.modes import MODES
-from lib.testkit.cog_server import (WEBHOOK_TOKEN, CogServer, WebhookSink, decode_output, input_error, shared_server,
-                               style_lora_url)
+from lib.testkit.cog_server import (
+    WEBHOOK_TOKEN,
+    CogServer,
+    WebhookSink,
+    decode_output,
+    input_error,
+    shared_server,
+    style_lora_url,
+)
 from tests.test_invalid_inputs import GENERAL_CASES, mode_limit_cases
 
 MIME = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
@@ -57,10 +65,19 @@ def test_setup_was_a_cold_start_from_the_mirror(server):
     assert any(server.weights_dir.joinpath("SimianLuo/LCM_Dreamshaper_v7/unet").iterdir())
 
 
-@pytest.mark.parametrize("mode, fmt, size, n", [
-    (mode, fmt, size, n) for (mode, fmt, size, n) in zip(
-        MODES, ["webp", "jpg", "png", "webp", "jpg"], [(256, 320), (320, 256), (256, 256), (256, 320), (320, 256)],
-        [1, 2, 1, 2, 1])])
+@pytest.mark.parametrize(
+    "mode, fmt, size, n",
+    [
+        (mode, fmt, size, n)
+        for (mode, fmt, size, n) in zip(
+            MODES,
+            ["webp", "jpg", "png", "webp", "jpg"],
+            [(256, 320), (320, 256), (256, 256), (256, 320), (320, 256)],
+            [1, 2, 1, 2, 1],
+            strict=True,
+        )
+    ],
+)
 def test_sync_prediction_in_every_mode(server, mode, fmt, size, n):
     w, h = size
     p = server.predict(prompt="a red fox", mode=mode, width=w, height=h, num_outputs=n, seed=7, output_format=fmt)
@@ -85,16 +102,31 @@ def _run_is_an_async_generator() -> bool:
     return inspect.isasyncgenfunction(Predictor.run)
 
 
-@pytest.mark.xfail(_run_is_an_async_generator(), strict=True, reason=(
-    "coglet 0.23.1 collects an async generator's outputs until run() ends, so no image streams; an async run() "
-    "that returns a sync iterator streams (see the report / docs/serving.md)"))
+@pytest.mark.xfail(
+    _run_is_an_async_generator(),
+    strict=True,
+    reason=(
+        "coglet 0.23.1 collects an async generator's outputs until run() ends, so no image streams; an async run() "
+        "that returns a sync iterator streams (see the report / docs/serving.md)"
+    ),
+)
 def test_async_prediction_streams_each_image_by_webhook(server, sink):
     n, steps, pid = 4, 4, new_id("stream")
     # The safety checker needs every image of a request decoded before any is written (they then leave
     # together); without it each image is decoded, written and sent in turn.
     extra = {"disable_safety_checker": True} if takes_input("disable_safety_checker") else {}
-    server.start_async(pid, sink.url, prompt="a lighthouse", mode="lcm", width=384, height=384, num_outputs=n,
-                       num_inference_steps=steps, seed=11, **extra)
+    server.start_async(
+        pid,
+        sink.url,
+        prompt="a lighthouse",
+        mode="lcm",
+        width=384,
+        height=384,
+        num_outputs=n,
+        num_inference_steps=steps,
+        seed=11,
+        **extra,
+    )
     end = sink.terminal(pid)
     events = sorted(sink.of(pid), key=lambda e: e.t)
     final = end.body
@@ -164,8 +196,7 @@ def as_http_value(value, files):
 
 @pytest.mark.parametrize("inputs, named", [*mode_limit_cases(), *GENERAL_CASES])
 def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files, inputs, named):
-    body = {"prompt": "a cat", "width": 256, "height": 256,
-            **{k: as_http_value(v, files) for k, v in inputs.items()}}
+    body = {"prompt": "a cat", "width": 256, "height": 256, **{k: as_http_value(v, files) for k, v in inputs.items()}}
     if any(isinstance(v, float) and not math.isfinite(v) for v in body.values()):
         # JSON has no NaN: the server refuses the request body itself, naming the input.
         code, text = server.request("POST", "/predictions", {"input": body})
@@ -185,14 +216,15 @@ def reference_inputs(lora_url: str | None) -> list[dict]:
     buf = io.BytesIO()
     photo.save(buf, "PNG")
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    cases = [dict(prompt="a harbour", mode="lcm", width=256, height=256, num_inference_steps=4, seed=21),
-             dict(prompt="a harbour", mode="lcm-lora-sd15", width=256, height=256, guidance_scale=1.5,
-                  negative_prompt="fog", seed=22),
-             dict(prompt="a harbour", mode="sd-turbo", width=256, height=256, num_inference_steps=2, image=uri,
-                  strength=0.6, seed=23)]
+    harbour = dict(prompt="a harbour", width=256, height=256)
+    lcm = dict(harbour, mode="lcm", num_inference_steps=4, seed=21)
+    cases = [
+        lcm,
+        dict(harbour, mode="lcm-lora-sd15", guidance_scale=1.5, negative_prompt="fog", seed=22),
+        dict(harbour, mode="sd-turbo", num_inference_steps=2, image=uri, strength=0.6, seed=23),
+    ]
     if lora_url:
-        cases.append(dict(prompt="a harbour", mode="lcm", width=256, height=256, num_inference_steps=4, seed=21,
-                          lora_url=lora_url, lora_scale=0.8))
+        cases.append(dict(lcm, lora_url=lora_url, lora_scale=0.8))
     return cases
 
 
@@ -216,12 +248,13 @@ def test_failures_leave_no_state_behind(server, sink, files):  # noqa: F811
     p = server.predict(prompt="x", mode="lcm-lora-sd15", width=256, height=256, image=truncated)
     assert p["status"] == "failed" and input_error(p).startswith("image:"), p
     # A cancel inside the denoising loop, in a mode with a fused LoRA and classifier-free guidance.
-    c = cancel_mid_denoising(server, sink, new_id("cancel-cfg"), prompt="y", mode="lcm-lora-sd15", width=448,
-                             height=448, num_inference_steps=8, guidance_scale=2, negative_prompt="z", seed=3)
+    slow = dict(prompt="y", width=448, height=448, num_inference_steps=8)
+    c = cancel_mid_denoising(
+        server, sink, new_id("cancel-cfg"), **slow, mode="lcm-lora-sd15", guidance_scale=2, negative_prompt="z", seed=3
+    )
     assert c["final"]["status"] == "canceled"
     if lora:  # a cancel while a style LoRA is applied
-        c = cancel_mid_denoising(server, sink, new_id("cancel-lora"), prompt="y", mode="lcm", width=448, height=448,
-                                 num_inference_steps=8, lora_url=lora, seed=4)
+        c = cancel_mid_denoising(server, sink, new_id("cancel-lora"), **slow, mode="lcm", lora_url=lora, seed=4)
         assert c["final"]["status"] == "canceled"
     assert outputs_of(server, inputs) == before, "a same-seed prediction changed after a failure"
 
@@ -231,9 +264,16 @@ def test_failures_leave_no_state_behind(server, sink, files):  # noqa: F811
 def faulty_server(server, tmp_path_factory):
     """A second server whose Predictor is the project's plus a hook that raises inside the UNet on request
     (lib/testkit/cog_server.py: faulty_predictor_class); it loads the weights the shared server fetched."""
-    s = CogServer(tmp_path_factory.mktemp("faulty-server"), {
-        "WEIGHTS_DIR": str(server.weights_dir), "WEIGHTS_OFFLINE": "1", "ENABLED_MODES": "lcm,lcm-lora-sd15",
-        "LORA_ALLOW_HTTP": "1"}, stub="lib/testkit/cog_server.py:FaultyPredictor")
+    s = CogServer(
+        tmp_path_factory.mktemp("faulty-server"),
+        {
+            "WEIGHTS_DIR": str(server.weights_dir),
+            "WEIGHTS_OFFLINE": "1",
+            "ENABLED_MODES": "lcm,lcm-lora-sd15",
+            "LORA_ALLOW_HTTP": "1",
+        },
+        stub="lib/testkit/cog_server.py:FaultyPredictor",
+    )
     s.lora_url = style_lora_url(server)
     s.start()
     yield s

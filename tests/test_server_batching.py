@@ -17,9 +17,17 @@ def batching_server(tmp_path_factory, pytestconfig):
     """A server with 4 slots and a wide batching window (so a burst lands in one batch), a cap of 4 images,
     loading the weights the shared server fetched."""
     fetched = shared_server(tmp_path_factory, pytestconfig)
-    s = CogServer(tmp_path_factory.mktemp("batching-server"), {
-        "WEIGHTS_DIR": str(fetched.weights_dir), "WEIGHTS_OFFLINE": "1", "ENABLED_MODES": "sd-turbo",
-        "COG_MAX_CONCURRENCY": str(CONCURRENCY), "BATCH_WINDOW_MS": "300", "BATCH_MAX_IMAGES": "4"})
+    s = CogServer(
+        tmp_path_factory.mktemp("batching-server"),
+        {
+            "WEIGHTS_DIR": str(fetched.weights_dir),
+            "WEIGHTS_OFFLINE": "1",
+            "ENABLED_MODES": "sd-turbo",
+            "COG_MAX_CONCURRENCY": str(CONCURRENCY),
+            "BATCH_WINDOW_MS": "300",
+            "BATCH_MAX_IMAGES": "4",
+        },
+    )
     s.start()
     yield s
     s.stop()
@@ -27,6 +35,7 @@ def batching_server(tmp_path_factory, pytestconfig):
 
 def burst(server, inputs, cancel_id=None):
     """Send every prediction at once (sync, each on its own thread); optionally cancel one by id mid-way."""
+
     def send(item):
         pid, body = item
         code, prediction = server.request("PUT", f"/predictions/{pid}", {"id": pid, "input": body})
@@ -50,15 +59,19 @@ def test_overlapping_predictions_are_batched_and_equal_solo_runs(batching_server
     results = burst(batching_server, inputs)
     assert all(p["status"] == "succeeded" for p in results), [p.get("error") for p in results]
     assert [p["metrics"]["batch"]["requests"] for p in results] == [CONCURRENCY] * CONCURRENCY
-    for p, body in zip(results, inputs):
+    for p, body in zip(results, inputs, strict=True):
         solo = batching_server.predict(**body)
         assert solo["metrics"]["batch"]["requests"] == 1
         assert np.abs(pixels(p["output"][0]) - pixels(solo["output"][0])).max() <= 2
 
 
 def test_a_cancel_and_an_invalid_input_leave_the_rest_of_the_batch_intact(batching_server):
-    inputs = [dict(BASE, prompt="keep", seed=1), dict(BASE, prompt="cancel me", seed=2),
-              dict(BASE, prompt="bad", seed=3, num_inference_steps=9), dict(BASE, prompt="keep too", seed=4)]
+    inputs = [
+        dict(BASE, prompt="keep", seed=1),
+        dict(BASE, prompt="cancel me", seed=2),
+        dict(BASE, prompt="bad", seed=3, num_inference_steps=9),
+        dict(BASE, prompt="keep too", seed=4),
+    ]
     results = burst(batching_server, inputs, cancel_id=1)
     assert results[1]["status"] == "canceled"
     assert results[2]["status"] == "failed" and input_error(results[2]).startswith("num_inference_steps:")

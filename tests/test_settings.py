@@ -15,8 +15,9 @@ READ = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[[^\]]+\](?!\s*=
 
 
 def test_the_configuration_page_is_generated_from_the_declarations():
-    assert (ROOT / "docs/configuration.md").read_text() == markdown(), \
+    assert (ROOT / "docs/configuration.md").read_text() == markdown(), (
         "regenerate it: python -m lib.settings > docs/configuration.md"
+    )
     assert "docs/configuration.md" in (ROOT / "README.md").read_text()
 
 
@@ -40,18 +41,31 @@ def test_defaults_types_and_one_error_naming_every_bad_variable():
     s = Settings({})
     assert s.weights_dir == ROOT / "weights" and s.lora_cache_dir == ROOT / "weights" / ".loras"
     assert s.safety_checker is True and s.weights_offline is False and s.device_memory_budget is None
-    typed = Settings({"WEIGHTS_OFFLINE": "YES", "DEVICE_MEMORY_BUDGET": "20GiB", "WEIGHTS_TIMEOUT": "2.5",
-                      "ENABLED_MODES": "lcm, sd-turbo", "SPEED_COMPILE": "1", "LORA_CACHE_BYTES": "1GB"})
+    typed = Settings(
+        {
+            "WEIGHTS_OFFLINE": "YES",
+            "DEVICE_MEMORY_BUDGET": "20GiB",
+            "WEIGHTS_TIMEOUT": "2.5",
+            "ENABLED_MODES": "lcm, sd-turbo",
+            "SPEED_COMPILE": "1",
+            "LORA_CACHE_BYTES": "1GB",
+        }
+    )
     assert (typed.weights_offline, typed.device_memory_budget, typed.weights_timeout) == (True, 20 * 2**30, 2.5)
     assert typed.enabled_modes == ("lcm", "sd-turbo") and typed.speed_compile == ("unet", "vae")
     assert typed.lora_cache_bytes == 10**9
-    bad = Settings({"WEIGHTS_OFFLINE": "maybe", "WEIGHTS_RETRIES": "0", "MODEL_DTYPE": "half", "SPEED_WEBP_METHOD": "9"})
+    bad = Settings(
+        {"WEIGHTS_OFFLINE": "maybe", "WEIGHTS_RETRIES": "0", "MODEL_DTYPE": "half", "SPEED_WEBP_METHOD": "9"}
+    )
     with pytest.raises(SettingsError) as err:
         bad.check()
     msg = str(err.value)
-    for part in ("WEIGHTS_OFFLINE: 'maybe' is not true or false", "WEIGHTS_RETRIES: 0 is out of range",
-                 "MODEL_DTYPE: 'half' is not allowed; allowed: float16, bfloat16, float32",
-                 "SPEED_WEBP_METHOD: 9 is out of range; allowed: 0 to 6"):
+    for part in (
+        "WEIGHTS_OFFLINE: 'maybe' is not true or false",
+        "WEIGHTS_RETRIES: 0 is out of range",
+        "MODEL_DTYPE: 'half' is not allowed; allowed: float16, bfloat16, float32",
+        "SPEED_WEBP_METHOD: 9 is out of range; allowed: 0 to 6",
+    ):
         assert part in msg, msg
 
 

@@ -9,14 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.engine import images
-
-from lib.testkit import models
-
-from lib.engine import speed
+from lib.engine import images, speed
 from lib.engine.engine import Engine, InputError
 from lib.engine.loading import load_modes
 from lib.engine.modes import MODES as MODES_TABLE
+from lib.testkit import models
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 MODES = ("sd-turbo", "sdxl-turbo")  # SD 2 (linear projections), SDXL (two text encoders, an upcast VAE)
@@ -34,8 +31,10 @@ SWITCHES = {
     # The inductor backend compiles for minutes on 2 cores: the eager backend checks the plumbing (the modules
     # compiled in place and still shared, outputs unchanged).
     "compile": ({"SPEED": "0", "SPEED_COMPILE": "unet,vae", "SPEED_COMPILE_BACKEND": "eager"}, "fp32"),
-    "all": ({"SPEED_CHANNELS_LAST": "1", "SPEED_FUSE_QKV": "1", "SPEED_TF32": "1", "SPEED_CUDNN_BENCHMARK": "1"},
-            "fp32"),
+    "all": (
+        {"SPEED_CHANNELS_LAST": "1", "SPEED_FUSE_QKV": "1", "SPEED_TF32": "1", "SPEED_CUDNN_BENCHMARK": "1"},
+        "fp32",
+    ),
 }
 # Where a switch's check costs the most, one mode stands for both.
 ONLY = {"vae-bfloat16": ("sdxl-turbo",), "compile": ("sd-turbo",)}
@@ -52,8 +51,15 @@ def pixels(engine: Engine, tmp_path) -> dict:
     out = {}
     for mode in engine.modes:
         for fast_decode in (False, True):
-            request = engine.request(prompt="a lighthouse at dusk", mode=mode, width=SIZE, height=SIZE, seed=7,
-                                     output_format="png", fast_decode=fast_decode)
+            request = engine.request(
+                prompt="a lighthouse at dusk",
+                mode=mode,
+                width=SIZE,
+                height=SIZE,
+                seed=7,
+                output_format="png",
+                fast_decode=fast_decode,
+            )
             folder = tmp_path / f"{mode}-{fast_decode}"
             folder.mkdir(exist_ok=True)
             for output in engine.run(request, folder):
@@ -96,8 +102,9 @@ def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
     for mode in MODES:
         assert np.abs(plain[(mode, "taesd")] - plain[(mode, "vae")]).max() > 0
         request = engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64, seed=1, fast_decode=True)
-        assert batch_key(request) != batch_key(engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64,
-                                                              seed=1))
+        assert batch_key(request) != batch_key(
+            engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64, seed=1)
+        )
         metrics = {}
         (tmp_path / mode).mkdir()
         [output] = engine.run(request, tmp_path / mode, metrics.__setitem__)
@@ -129,7 +136,7 @@ def test_fused_projections_hold_each_weight_once(tiny_weights):
 
     plain, fused = engine_with(tiny_weights, {"SPEED": "0"}), engine_with(tiny_weights, {"SPEED_FUSE_QKV": "1"})
     for mode in MODES:
-        for a, b in zip(plain.modes[mode].modules(), fused.modes[mode].modules()):
+        for a, b in zip(plain.modes[mode].modules(), fused.modes[mode].modules(), strict=True):
             assert module_bytes(a) == module_bytes(b), (mode, type(a).__name__)
     unet = fused.modes["sd-turbo"].txt2img.unet
     names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
@@ -139,22 +146,36 @@ def test_fused_projections_hold_each_weight_once(tiny_weights):
 
 def test_settings_defaults_and_errors():
     cpu = speed.Switches.from_env(CPU, {})
-    assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile) == \
-        (True, False, False, False, False, ())
+    assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile) == (
+        True,
+        False,
+        False,
+        False,
+        False,
+        (),
+    )
     cuda = speed.Switches.from_env(torch.device("cuda"), {})
     assert (cuda.channels_last, cuda.fuse_qkv, cuda.tf32, cuda.warmup) == (True,) * 4
     # Prediction sizes are free-form: cuDNN autotuning per new size would cost more than it saves.
     assert not cuda.cudnn_benchmark and speed.Switches.from_env(CPU, {"SPEED_CUDNN_BENCHMARK": "1"}).cudnn_benchmark
     assert cuda.vae_dtype == "auto" and cuda.compile == () and not cuda.cuda_graphs
     plain = speed.Switches.from_env(torch.device("cuda"), {"SPEED": "0"})
-    assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype) == \
-        (False, False, False, False, "keep")
+    assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype) == (
+        False,
+        False,
+        False,
+        False,
+        "keep",
+    )
     assert plain.sdpa  # diffusers' own default stays
     assert speed.Switches.from_env(CPU, {"SPEED_COMPILE": "1"}).compile == ("unet", "vae")
     graphs = speed.Switches.from_env(torch.device("cuda"), {"SPEED_CUDA_GRAPHS": "1"})
     assert graphs.compile == ("unet",) and graphs.compile_mode == "max-autotune"
-    for env, name in (({"SPEED_FUSE_QKV": "maybe"}, "SPEED_FUSE_QKV"), ({"SPEED_VAE_DTYPE": "int8"}, "SPEED_VAE_DTYPE"),
-                      ({"SPEED_COMPILE": "unet,everything"}, "SPEED_COMPILE")):
+    for env, name in (
+        ({"SPEED_FUSE_QKV": "maybe"}, "SPEED_FUSE_QKV"),
+        ({"SPEED_VAE_DTYPE": "int8"}, "SPEED_VAE_DTYPE"),
+        ({"SPEED_COMPILE": "unet,everything"}, "SPEED_COMPILE"),
+    ):
         with pytest.raises(ValueError, match=name):
             speed.Switches.from_env(CPU, env)
 
@@ -209,8 +230,9 @@ def test_encoding_in_threads_keeps_files_and_order(tiny_weights, tmp_path, monke
         monkeypatch.setenv("SPEED_ENCODE_THREADS", threads)
         images._encoder_pool.cache_clear()
         metrics = {}
-        request = engine.request(prompt="a cat", mode="sd-turbo", width=SIZE, height=SIZE, seed=11, num_outputs=3,
-                                 output_format="webp")
+        request = engine.request(
+            prompt="a cat", mode="sd-turbo", width=SIZE, height=SIZE, seed=11, num_outputs=3, output_format="webp"
+        )
         (tmp_path / threads).mkdir()
         outputs = list(engine.run(request, tmp_path / threads, metrics.__setitem__))
         runs[threads] = [(o.seed, o.path.name, hashlib.sha256(o.path.read_bytes()).hexdigest()) for o in outputs]
@@ -237,10 +259,27 @@ def test_random_models_materialise_on_the_device_without_init():
 def test_bench_tiny_smoke(tiny_weights, tmp_path):
     """The benchmark's --tiny mode end to end (predict() vs a bare diffusers call): it runs and reports; the
     timings are not checked here (CI machines are shared)."""
-    from scripts import bench
+    from lib.bench import suite as bench
 
-    data = bench.main(["--tiny", "--weights", str(tiny_weights), "--modes", "sd-turbo", "--sizes", "256",
-                       "--iters", "1", "--warmup", "0", "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")])
+    data = bench.main(
+        [
+            "--tiny",
+            "--weights",
+            str(tiny_weights),
+            "--modes",
+            "sd-turbo",
+            "--sizes",
+            "256",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--doc",
+            str(tmp_path / "b.md"),
+        ]
+    )
     result = data["tiny"]["sd-turbo"]
     assert result["predict_ms"]["n"] == 1 and result["ratio_vs_bare"] > 0
     written = json.loads(next(tmp_path.glob("*-tiny-cpu.json")).read_text())

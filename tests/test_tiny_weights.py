@@ -13,8 +13,13 @@ from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BAS
 from lib.testkit.models import CONFIGS, LORA_ALPHA, LORA_RANK, write_weights
 
 REPOS = all_repos(MODES, safety_checker=True)  # the SD 1.5 repo with the safety checker's folders too
-WEIGHTS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",
-           "vae": "diffusion_pytorch_model", "safety_checker": "model"}
+WEIGHTS = {
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "safety_checker": "model",
+}
 
 
 def sha256(path: Path) -> str:
@@ -35,8 +40,12 @@ def expected_files(repo) -> tuple[set[str], set[str]]:
             files.add(f"{c}/preprocessor_config.json")
         elif c.startswith("tokenizer"):
             verbatim |= {f"{c}/tokenizer_config.json", f"{c}/special_tokens_map.json"}
-            files |= {f"{c}/tokenizer_config.json", f"{c}/special_tokens_map.json", f"{c}/vocab.json",
-                      f"{c}/merges.txt"}
+            files |= {
+                f"{c}/tokenizer_config.json",
+                f"{c}/special_tokens_map.json",
+                f"{c}/vocab.json",
+                f"{c}/merges.txt",
+            }
         elif c != "scheduler":
             suffix = f".{repo.variant}.safetensors" if repo.variant else ".safetensors"
             files |= {f"{c}/config.json", f"{c}/{WEIGHTS[c]}{suffix}"}
@@ -66,8 +75,13 @@ def load_pipeline(weights: Path, mode_name: str):
     cls = getattr(diffusers, PIPELINE_CLASSES[MODES[mode_name].family][0])
     no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     index = (weights / repo.repo_id / "model_index.json").read_text()
-    pipe = cls.from_pretrained(weights / repo.repo_id, variant=repo.variant, dtype=torch.float32,
-                               local_files_only=True, **(no_checker if "safety_checker" in index else {}))
+    pipe = cls.from_pretrained(
+        weights / repo.repo_id,
+        variant=repo.variant,
+        dtype=torch.float32,
+        local_files_only=True,
+        **(no_checker if "safety_checker" in index else {}),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,7 +104,8 @@ def test_layout_and_verbatim_configs(tiny_weights):
 def test_deterministic_and_returns_what_it_wrote(tiny_weights, tmp_path):
     written = write_weights(tmp_path)
     assert sorted(p.as_posix() for p in written) == sorted(
-        p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())
+        p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file()
+    )
     assert all(sha256(tmp_path / p) == sha256(tiny_weights / p) for p in written)
 
 
@@ -99,8 +114,10 @@ def test_only_the_sdxl_text_encoders_are_shared(tiny_weights):
     for p in tiny_weights.rglob("*.safetensors"):
         by_hash.setdefault(sha256(p), []).append(p.relative_to(tiny_weights).as_posix())
     shared = sorted(sorted(paths) for paths in by_hash.values() if len(paths) > 1)
-    assert shared == [[f"{r.repo_id}/{te}/model.fp16.safetensors" for r in (SDXL_TURBO, SDXL_BASE)]
-                      for te in ("text_encoder", "text_encoder_2")]
+    assert shared == [
+        [f"{r.repo_id}/{te}/model.fp16.safetensors" for r in (SDXL_TURBO, SDXL_BASE)]
+        for te in ("text_encoder", "text_encoder_2")
+    ]
 
 
 def test_tokenizers_use_the_real_special_ids_and_know_every_byte(tiny_weights):
@@ -121,8 +138,17 @@ def test_lcm_lora_has_the_kohya_layout(tiny_weights):
         modules = {k.removesuffix(".lora_down.weight") for k in keys if k.endswith(".lora_down.weight")}
         assert keys == {f"{m}.{s}" for m in modules for s in ("lora_down.weight", "lora_up.weight", "alpha")}
         assert all(m.startswith("lora_unet_") and "." not in m for m in modules)
-        for suffix in ("_attn2_to_k", "_ff_net_0_proj", "_to_out_0", "_conv1", "_conv_shortcut",
-                       "_downsamplers_0_conv", "_upsamplers_0_conv", "_time_emb_proj", "_proj_in"):
+        for suffix in (
+            "_attn2_to_k",
+            "_ff_net_0_proj",
+            "_to_out_0",
+            "_conv1",
+            "_conv_shortcut",
+            "_downsamplers_0_conv",
+            "_upsamplers_0_conv",
+            "_time_emb_proj",
+            "_proj_in",
+        ):
             assert any(m.endswith(suffix) for m in modules), suffix
         conv = next(m for m in modules if m.endswith("_resnets_0_conv1"))
         assert f.get_tensor(f"{conv}.lora_down.weight").shape[::2] == (LORA_RANK, 3)  # (rank, in, 3, 3)
@@ -160,6 +186,12 @@ def test_every_mode_draws_a_256px_image(tiny_weights, mode_name):
     pipe = load_pipeline(tiny_weights, mode_name)
     if mode.weights.scheduler:
         pipe.scheduler = getattr(diffusers, mode.weights.scheduler).from_config(pipe.scheduler.config)
-    image = pipe("a photo of a cat", height=256, width=256, num_inference_steps=2,
-                 guidance_scale=mode.guidance.default, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of a cat",
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=mode.guidance.default,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (256, 256)

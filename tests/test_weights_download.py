@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from lib.engine.modes import MODES, all_repos, repo_files
+from lib.testkit.servers import FaultProxy, Nginx
 from lib.weights import cache
 from lib.weights import manifest as manifests
-from lib.weights.download import Tuning, WeightsError
-from lib.engine.modes import MODES, all_repos
-from lib.engine.modes import repo_files
 from lib.weights.cache import Cache, ensure_weights, verify_weights
-from lib.testkit.servers import FaultProxy, Nginx
+from lib.weights.download import Tuning, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -29,9 +28,9 @@ BIG = "unet/diffusion_pytorch_model.fp16.safetensors"  # sd-turbo's: 80 MiB, the
 SHARED = "text_encoder/model.fp16.safetensors"  # same bytes in both repos: stored once
 TOFU = "tokenizer/special_tokens_map.json"  # sd-turbo's has no hash in the manifest: trusted on first download
 COMMIT = "c0ffee" * 6 + "c0ffee0f"  # what the mirror says sd-turbo's "main" resolves to
-FAST = Tuning(connections=4, files=4, chunk_size=16 * MiB, timeout=1.0, retries=2, backoff=0.05,
-                progress_seconds=0.3)
+FAST = Tuning(connections=4, files=4, chunk_size=16 * MiB, timeout=1.0, retries=2, backoff=0.05, progress_seconds=0.3)
 SUB_ENV = {"WEIGHTS_TIMEOUT": "1", "WEIGHTS_RETRIES": "2", "WEIGHTS_CONNECTIONS": "4"}
+
 
 def _content(repo, path: str, rng: random.Random) -> bytes:
     if path == BIG and repo.repo_id == "stabilityai/sd-turbo":
@@ -58,8 +57,10 @@ def mirror(tmp_path_factory):
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(data)
             known = not (repo.repo_id == "stabilityai/sd-turbo" and path == TOFU)
-            files[path] = {"size": len(data) if known else None,
-                           "sha256": hashlib.sha256(data).hexdigest() if known else None}
+            files[path] = {
+                "size": len(data) if known else None,
+                "sha256": hashlib.sha256(data).hexdigest() if known else None,
+            }
         manifest["repos"][repo.repo_id] = {"revision": "main", "files": files}
     (root / "stabilityai/sd-turbo/resolve" / COMMIT).symlink_to("main")
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -86,13 +87,21 @@ class Env:
         self.dir, self.proxy, self.lines = tmp / "weights", proxy, []
         self.manifest = tmp / "manifest.json"
         self.manifest.write_bytes((mirror / "manifest.json").read_bytes())
-        self.expected = {f"{r}/{p}": f for r, spec in json.loads(self.manifest.read_text())["repos"].items()
-                         for p, f in spec["files"].items()}
+        self.expected = {
+            f"{r}/{p}": f
+            for r, spec in json.loads(self.manifest.read_text())["repos"].items()
+            for p, f in spec["files"].items()
+        }
         self.mirror = mirror
 
     def ensure(self, modes=("sd-turbo",), **kw):
-        kw = {"manifest_path": self.manifest, "base_url": self.proxy.url, "log": self.lines.append,
-              "tuning": FAST, **kw}
+        kw = {
+            "manifest_path": self.manifest,
+            "base_url": self.proxy.url,
+            "log": self.lines.append,
+            "tuning": FAST,
+            **kw,
+        }
         return ensure_weights(list(modes), self.dir, **kw)
 
     def source(self, repo_id: str, path: str) -> bytes:
@@ -100,8 +109,11 @@ class Env:
 
     def files(self) -> dict[str, Path]:
         """Every file in the cache outside its bookkeeping folder."""
-        return {str(p.relative_to(self.dir)): p for p in self.dir.rglob("*")
-                if p.is_file() and ".cache" not in p.relative_to(self.dir).parts}
+        return {
+            str(p.relative_to(self.dir)): p
+            for p in self.dir.rglob("*")
+            if p.is_file() and ".cache" not in p.relative_to(self.dir).parts
+        }
 
     def assert_only_verified(self, complete_modes=()) -> None:
         """The cache holds only files that match their source; the modes given have all their files."""
@@ -199,9 +211,16 @@ def test_lost_marker_rehashes_instead_of_downloading_and_full_verify_finds_bit_r
 
 
 def _entry(env, path, repo_id="stabilityai/sd-turbo"):
-    return next(e for e in manifests.plan(["sd-turbo", "sdxl-turbo"], manifests.load_manifest(env.manifest),
-                                        manifests.Lock(manifests.lock_path(env.manifest)), env.manifest)
-                if e.path == path and e.repo_id == repo_id)
+    return next(
+        e
+        for e in manifests.plan(
+            ["sd-turbo", "sdxl-turbo"],
+            manifests.load_manifest(env.manifest),
+            manifests.Lock(manifests.lock_path(env.manifest)),
+            env.manifest,
+        )
+        if e.path == path and e.repo_id == repo_id
+    )
 
 
 # -- faults ----------------------------------------------------------------------------------------------------
@@ -320,11 +339,18 @@ def test_offline_only_checks_presence(env, monkeypatch):
 
 # -- several processes -------------------------------------------------------------------------------------
 def _spawn(env, *extra_env) -> subprocess.Popen:
-    code = ("import sys; from lib.weights.cache import ensure_weights; "
-            "ensure_weights(['sd-turbo'], sys.argv[1], manifest_path=sys.argv[2], base_url=sys.argv[3])")
-    return subprocess.Popen([sys.executable, "-c", code, str(env.dir), str(env.manifest), env.proxy.url], cwd=ROOT,
-                            env={**os.environ, **SUB_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    code = (
+        "import sys; from lib.weights.cache import ensure_weights; "
+        "ensure_weights(['sd-turbo'], sys.argv[1], manifest_path=sys.argv[2], base_url=sys.argv[3])"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(env.dir), str(env.manifest), env.proxy.url],
+        cwd=ROOT,
+        env={**os.environ, **SUB_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_two_processes_at_once_download_once_and_both_succeed(env):
@@ -361,10 +387,18 @@ def test_process_killed_mid_download_resumes_on_restart(env):
 
 # -- operator script ---------------------------------------------------------------------------------------
 def _script(env, *args, **extra) -> subprocess.CompletedProcess:
-    e = {**os.environ, **SUB_ENV, "WEIGHTS_DIR": str(env.dir), "WEIGHTS_MANIFEST": str(env.manifest),
-         "WEIGHTS_BASE_URL": env.proxy.url, "SAFETY_CHECKER": "0", **extra}  # the test mirror has no SD 1.5
-    return subprocess.run([sys.executable, "scripts/weights.py", *args], cwd=ROOT, env=e, capture_output=True,
-                          text=True, timeout=60)
+    e = {
+        **os.environ,
+        **SUB_ENV,
+        "WEIGHTS_DIR": str(env.dir),
+        "WEIGHTS_MANIFEST": str(env.manifest),
+        "WEIGHTS_BASE_URL": env.proxy.url,
+        "SAFETY_CHECKER": "0",
+        **extra,
+    }  # the test mirror has no SD 1.5
+    return subprocess.run(
+        [sys.executable, "scripts/weights.py", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_operator_script_fetch_status_verify_and_mirror(env, tmp_path):
@@ -404,8 +438,10 @@ def test_tracked_manifest_lists_every_file_the_modes_load():
     for repo in all_repos(MODES, safety_checker=True):
         assert sorted(manifest["repos"][repo.repo_id]["files"]) == sorted(repo_files(repo)), repo.repo_id
     # The SDXL text encoders of sdxl-turbo and sdxl-base are one file: the cache stores it once.
-    turbo, base = (manifest["repos"][r]["files"]["text_encoder_2/model.fp16.safetensors"]["sha256"]
-                   for r in ("stabilityai/sdxl-turbo", "stabilityai/stable-diffusion-xl-base-1.0"))
+    turbo, base = (
+        manifest["repos"][r]["files"]["text_encoder_2/model.fp16.safetensors"]["sha256"]
+        for r in ("stabilityai/sdxl-turbo", "stabilityai/stable-diffusion-xl-base-1.0")
+    )
     assert turbo == base is not None
 
 
@@ -456,8 +492,7 @@ def tiny_mirror(tmp_path_factory):
     return root
 
 
-def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_it(tiny_mirror, tmp_path,
-                                                                                    monkeypatch):
+def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_it(tiny_mirror, tmp_path, monkeypatch):
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -469,14 +504,17 @@ def test_cold_setup_from_the_tiny_mirror_fetches_every_mode_and_diffusers_loads_
     needed = [(r.repo_id, p) for r in all_repos(MODES) for p in repo_files(r)]
     assert report["files"] == len(needed) == report["downloaded"] + report["linked"]
     assert report["linked"] > 0  # the SDXL text encoders (and tokenizer files) are stored once
-    turbo, base = (cache / r / "text_encoder_2/model.fp16.safetensors"
-                   for r in ("stabilityai/sdxl-turbo", "stabilityai/stable-diffusion-xl-base-1.0"))
+    turbo, base = (
+        cache / r / "text_encoder_2/model.fp16.safetensors"
+        for r in ("stabilityai/sdxl-turbo", "stabilityai/stable-diffusion-xl-base-1.0")
+    )
     assert turbo.stat().st_ino == base.stat().st_ino
     assert verify_weights(list(MODES), cache, full=True)["problems"] == []
     assert not (tiny_mirror / "manifest.lock.json").exists(), "every hash was known: nothing to learn"
 
-    pipe = StableDiffusionPipeline.from_pretrained(cache / "stabilityai/sd-turbo", variant="fp16", dtype=torch.float32,
-                                                   local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        cache / "stabilityai/sd-turbo", variant="fp16", dtype=torch.float32, local_files_only=True
+    )
     images = pipe("a cat", num_inference_steps=1, guidance_scale=0.0, height=64, width=64, output_type="np").images
     assert images.shape == (1, 64, 64, 3)
 
@@ -491,8 +529,14 @@ def test_one_weights_dir_default_for_setup_the_operator_script_and_the_lora_cach
     assert Settings().weights_dir == ROOT / "weights" == manifests.DEFAULT_MANIFEST.parent
     assert Settings().lora_cache_dir == ROOT / "weights" / ".loras"
     env = {k: v for k, v in os.environ.items() if k not in ("WEIGHTS_DIR", "WEIGHTS_MANIFEST")}
-    r = subprocess.run([sys.executable, str(ROOT / "scripts/weights.py"), "status", "--modes", "sd-turbo"],
-                       cwd=tmp_path, env={**env, "SAFETY_CHECKER": "0"}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/weights.py"), "status", "--modes", "sd-turbo"],
+        cwd=tmp_path,
+        env={**env, "SAFETY_CHECKER": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and r.stdout.startswith(f"cache {ROOT / 'weights'}, manifest {manifests.DEFAULT_MANIFEST}")
     monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "w"))
     assert Settings().weights_dir == tmp_path / "w" and Settings().lora_cache_dir == tmp_path / "w" / ".loras"

@@ -25,13 +25,16 @@ from PIL import Image
 from lib.engine import decoding, images, memory, precision, speed
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
-from lib.loras.apply import style_lora
-from lib.loras.cache import LoraFile, fetch as fetch_lora
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
-from lib.engine.safety import AllImagesFlagged, SafetyChecker, check_present as check_safety_weights
-from lib.engine.safety import load_from_env as load_safety_checker, weights_path as safety_file
+from lib.engine.safety import AllImagesFlagged, SafetyChecker
+from lib.engine.safety import check_present as check_safety_weights
+from lib.engine.safety import load_from_env as load_safety_checker
+from lib.engine.safety import weights_path as safety_file
 from lib.engine.timeline import Timeline
+from lib.loras.apply import style_lora
+from lib.loras.cache import LoraFile
+from lib.loras.cache import fetch as fetch_lora
 from lib.settings import Settings
 from lib.weights.cache import ensure_weights
 
@@ -69,15 +72,30 @@ def batch_key(request: Request) -> tuple:
     """Requests with equal keys can share one pipeline call: everything that shapes the computation but the
     prompts, seeds and output settings. Whether a negative prompt acts is part of it, since a CFG batch
     either has negative prompts for every image or for none."""
-    return (request.mode.name, request.width, request.height, request.num_inference_steps, request.guidance_scale,
-            request.image_path is not None, request.strength if request.image_path else None,
-            uses_negative_prompt(request), request.lora_url, request.lora_scale if request.lora_url else None,
-            request.fast_decode)
+    return (
+        request.mode.name,
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.image_path is not None,
+        request.strength if request.image_path else None,
+        uses_negative_prompt(request),
+        request.lora_url,
+        request.lora_scale if request.lora_url else None,
+        request.fast_decode,
+    )
 
 
 class Engine:
-    def __init__(self, modes: dict[str, LoadedMode], device: torch.device, dtype: torch.dtype,
-                 safety: SafetyChecker | None = None, residency: Residency | None = None):
+    def __init__(
+        self,
+        modes: dict[str, LoadedMode],
+        device: torch.device,
+        dtype: torch.dtype,
+        safety: SafetyChecker | None = None,
+        residency: Residency | None = None,
+    ):
         self.modes, self.device, self.dtype = modes, torch.device(device), dtype
         self.enabled = tuple(modes)
         self.safety = safety  # None: SAFETY_CHECKER=0
@@ -86,29 +104,42 @@ class Engine:
         self.switches: speed.Switches | None = None
 
     @classmethod
-    def load(cls, weights_dir: Path, mode_names: tuple[str, ...], device=None, dtype=None,
-             switches: speed.Switches | None = None) -> Engine:
+    def load(
+        cls,
+        weights_dir: Path,
+        mode_names: tuple[str, ...],
+        device=None,
+        dtype=None,
+        switches: speed.Switches | None = None,
+    ) -> Engine:
         """Plan the device memory, load the modes (each module where the plan puts it), apply the fast path."""
         device = torch.device(device or choose_device())
         dtypes = precision.choose(device, requested=Settings().model_dtype)
         dtype = dtype or dtypes.model
         switches = switches or speed.Switches.from_env(device)
         weights_dir, mode_names = Path(weights_dir), tuple(mode_names)
-        loader = ComponentLoader(device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes,
-                                                                                         dtype))
+        loader = ComponentLoader(
+            device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes, dtype)
+        )
         plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker)
         log.info("%s", plan.describe())
         resident = {k for name in plan.resident for k in plan.mode_modules[name]}
         loader.on_device = resident.__contains__
         started = time.perf_counter()
         modes = load_modes(weights_dir, mode_names, device, dtype, loader)
-        log.info("loaded %s on %s (%s) in %.1f s", ", ".join(mode_names), device, str(dtype).removeprefix("torch."),
-                 time.perf_counter() - started)
+        log.info(
+            "loaded %s on %s (%s) in %.1f s",
+            ", ".join(mode_names),
+            device,
+            str(dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
         safety = load_safety_checker(weights_dir, device, dtype)
         engine = cls(modes, device, dtype, safety, None)
         speed.optimize(engine, switches, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
-        engine.residency = Residency(plan, {name: m.modules() for name, m in modes.items()}, device,
-                                     [safety.model] if safety else [])
+        engine.residency = Residency(
+            plan, {name: m.modules() for name, m in modes.items()}, device, [safety.model] if safety else []
+        )
         engine.residency.pin_host()
         return engine
 
@@ -191,8 +222,9 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
             sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
         mode_modules[name] = frozenset(p.key for p in parts.values())
         cfg = not mode.guidance.embedded and mode.guidance.default > 1
-        working[name] = memory.working_bytes(parts["unet"].config(), parts["vae"].config(), mode.size,
-                                             loader.dtype, loader.dtype_of(parts["vae"]), cfg)
+        working[name] = memory.working_bytes(
+            parts["unet"].config(), parts["vae"].config(), mode.size, loader.dtype, loader.dtype_of(parts["vae"]), cfg
+        )
     always = frozenset()
     if safety_checker:
         sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)
@@ -258,7 +290,7 @@ class Batch:
         size = self._chunk_size(decoder, n)
         for start in range(0, n, size):
             began = self.timeline.mark()
-            pixels = decoding.to_host(decoding.decode(decoder, latents[start: start + size]))
+            pixels = decoding.to_host(decoding.decode(decoder, latents[start : start + size]))
             yield Chunk(start, min(n, start + size), pixels, began, self.timeline.mark())
 
     def _log_requests(self) -> None:
@@ -269,14 +301,27 @@ class Batch:
             job.record("seeds", r.seeds)
             job.record("batch.requests", len(jobs))
             job.record("batch.images", images_total)
-            log.info("mode %s, %d image(s) %dx%d, %d step(s), guidance %g, seeds %s%s", mode.name, r.num_outputs,
-                     r.width, r.height, self.runs, r.guidance_scale, r.seeds,
-                     f" (in a batch of {len(jobs)} requests)" if len(jobs) > 1 else "")
+            log.info(
+                "mode %s, %d image(s) %dx%d, %d step(s), guidance %g, seeds %s%s",
+                mode.name,
+                r.num_outputs,
+                r.width,
+                r.height,
+                self.runs,
+                r.guidance_scale,
+                r.seeds,
+                f" (in a batch of {len(jobs)} requests)" if len(jobs) > 1 else "",
+            )
             if r.negative_prompt and not uses_negative_prompt(r):
-                log.warning("negative_prompt ignored: mode %s at guidance_scale %g runs without classifier-free "
-                            "guidance, where a negative prompt has no effect%s", mode.name, r.guidance_scale,
-                            "" if mode.guidance.embedded or mode.guidance.range is None
-                            else f" (use guidance_scale above 1, up to {mode.guidance.range[1]:g})")
+                log.warning(
+                    "negative_prompt ignored: mode %s at guidance_scale %g runs without classifier-free "
+                    "guidance, where a negative prompt has no effect%s",
+                    mode.name,
+                    r.guidance_scale,
+                    ""
+                    if mode.guidance.embedded or mode.guidance.range is None
+                    else f" (use guidance_scale above 1, up to {mode.guidance.range[1]:g})",
+                )
 
     def _denoise(self) -> torch.Tensor:
         """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
@@ -284,8 +329,10 @@ class Batch:
         kwargs: dict = {"height": first.height, "width": first.width}
         if first.image_path:
             start = self.timeline.mark()
-            latents = [decoding.encode(pipe.vae, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
-                       for j in jobs]
+            latents = [
+                decoding.encode(pipe.vae, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
+                for j in jobs
+            ]
             kwargs = {"image": torch.cat(latents), "strength": first.strength}
             self.marks["vae_encode"] = (start, self.timeline.mark())
         if uses_negative_prompt(first):
@@ -359,8 +406,11 @@ class Batch:
         device = self.engine.device
         if device.type != "cuda":
             return 1
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+        free = (
+            torch.cuda.mem_get_info(device)[0]
+            + torch.cuda.memory_reserved(device)
             - torch.cuda.memory_allocated(device)
+        )
         return max(1, min(n, int(free * 0.8) // decoding.decode_bytes(decoder, self.first.width, self.first.height)))
 
     # -- stage 2: host work, on any thread -------------------------------------------------------------------------
@@ -371,7 +421,7 @@ class Batch:
         seconds = self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels are on the host
         for k in range(chunk.start, chunk.stop):
             self.decode_seconds[k] = seconds / (chunk.stop - chunk.start)
-        self.pictures.update(zip(range(chunk.start, chunk.stop), decoding.to_images(chunk.pixels)))
+        self.pictures.update(zip(range(chunk.start, chunk.stop), decoding.to_images(chunk.pixels), strict=True))
         if self._checked() and chunk.stop < len(self.images):
             return
         pictures, self.pictures = self.pictures, {}
@@ -383,13 +433,23 @@ class Batch:
             r = job.request
             if job.cancelled or self.flags.get(k):  # a flagged image is dropped
                 continue
-            settings = {"mode": mode.name, "model": mode.weights.repo.repo_id, "prompt": r.prompt,
-                        "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None, "seed": seed,
-                        "num_inference_steps": r.num_inference_steps, "denoising_steps": runs,
-                        "guidance_scale": r.guidance_scale, "width": r.width, "height": r.height,
-                        "strength": r.strength if r.image_path else None, "fast_decode": r.fast_decode}
-            future = images.save_in_background(picture, job.out_dir / f"out-{i}-{seed}.{r.output_format}",
-                                               r.output_format, r.output_quality, settings)
+            settings = {
+                "mode": mode.name,
+                "model": mode.weights.repo.repo_id,
+                "prompt": r.prompt,
+                "negative_prompt": r.negative_prompt if uses_negative_prompt(r) else None,
+                "seed": seed,
+                "num_inference_steps": r.num_inference_steps,
+                "denoising_steps": runs,
+                "guidance_scale": r.guidance_scale,
+                "width": r.width,
+                "height": r.height,
+                "strength": r.strength if r.image_path else None,
+                "fast_decode": r.fast_decode,
+            }
+            future = images.save_in_background(
+                picture, job.out_dir / f"out-{i}-{seed}.{r.output_format}", r.output_format, r.output_quality, settings
+            )
             self.saving.append((future, job, seed, settings))
         while self.saving and self.saving[0][0].done():
             yield self._saved()
@@ -400,14 +460,18 @@ class Batch:
     def _check_safety(self, pictures: dict[int, Image.Image]) -> None:
         """The safety checker on the images whose request keeps it on, in one batched call."""
         checker = self.engine.safety
-        wanted = [k for k in pictures if not self.images[k][0].request.disable_safety_checker
-                  and not self.images[k][0].cancelled]
+        wanted = [
+            k
+            for k in pictures
+            if not self.images[k][0].request.disable_safety_checker and not self.images[k][0].cancelled
+        ]
         if not wanted:
             return
         started = time.perf_counter()
-        self.flags.update(zip(wanted, checker.flagged([pictures[k] for k in wanted])))
-        self.host_seconds["safety_checker"] = self.host_seconds.get("safety_checker", 0.0) + \
-            time.perf_counter() - started
+        self.flags.update(zip(wanted, checker.flagged([pictures[k] for k in wanted]), strict=True))
+        self.host_seconds["safety_checker"] = (
+            self.host_seconds.get("safety_checker", 0.0) + time.perf_counter() - started
+        )
 
     def _saved(self) -> tuple[Job, Output]:
         future, job, seed, settings = self.saving.pop(0)
@@ -424,19 +488,28 @@ class Batch:
         checked = {k for k in self.flags}
         for job in self.jobs:
             mine = [k for k, (j, _, _) in enumerate(self.images) if j is job]
-            timings = dict(shared, vae_decode=sum(self.decode_seconds[k] for k in mine),
-                           image_encoding=self.encode_seconds.get(id(job), 0.0))
+            timings = dict(
+                shared,
+                vae_decode=sum(self.decode_seconds[k] for k in mine),
+                image_encoding=self.encode_seconds.get(id(job), 0.0),
+            )
             flagged = [self.images[k][2] for k in mine if self.flags.get(k)]
             if any(k in checked for k in mine):
                 job.record("nsfw_flagged", len(flagged))
                 if flagged:
-                    log.warning("safety checker: %d of %d image(s) flagged as possibly NSFW and dropped (seeds %s)",
-                                len(flagged), len(mine), flagged)
+                    log.warning(
+                        "safety checker: %d of %d image(s) flagged as possibly NSFW and dropped (seeds %s)",
+                        len(flagged),
+                        len(mine),
+                        flagged,
+                    )
             else:
                 timings.pop("safety_checker", None)
             for stage, seconds in timings.items():
-                job.record(f"timings.{stage}", [round(s, 4) for s in seconds] if isinstance(seconds, list)
-                           else round(seconds, 4))
+                job.record(
+                    f"timings.{stage}",
+                    [round(s, 4) for s in seconds] if isinstance(seconds, list) else round(seconds, 4),
+                )
             if flagged and len(flagged) == len(mine) and not job.cancelled:
                 yield job, AllImagesFlagged(len(flagged))
 
@@ -447,7 +520,7 @@ class Batch:
         if "vae_encode" in self.marks:
             out["vae_encode"] = t.seconds(*self.marks["vae_encode"])
         out["text_encoding"] = sum(t.seconds(a, b) for a, b in self.marks.get("text_encoding", []) if b is not None)
-        steps = [t.seconds(a, b) for a, b in zip(self.steps, self.steps[1:])]
+        steps = [t.seconds(a, b) for a, b in zip(self.steps, self.steps[1:], strict=False)]
         out["denoising"], out["steps"] = sum(steps), steps
         return out
 

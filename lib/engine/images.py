@@ -40,8 +40,7 @@ def input_image_size(path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"image: {path.name} is not a readable image file (PNG, JPEG, WebP, ...): {e}") from None
     if w * h > MAX_INPUT_PIXELS:
-        raise InputError(f"image: {w}x{h} is too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels "
-                         f"(e.g. 4096x4096)")
+        raise InputError(f"image: {w}x{h} is too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)")
     return (h, w) if rotated else (w, h)
 
 
@@ -85,6 +84,7 @@ def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings:
 def save_in_background(image: Image.Image, path: Path, fmt: str, quality: int, settings: dict) -> Future:
     """save_image in a worker thread (encoders release the GIL), so that the caller can decode the next image
     meanwhile. The future's result is (path, seconds spent encoding). SPEED_ENCODE_THREADS=0 saves inline."""
+
     def work():
         started = time.perf_counter()
         written = save_image(image, path, fmt, quality, settings)

@@ -95,8 +95,9 @@ def _number(name: str, value) -> float:
 def _size(name: str, value) -> int:
     size = _integer(name, value, *SIZE_RANGE)
     if size % 8:
-        raise InputError(f"{name}: {size} is not a multiple of 8; allowed: multiples of 8 from {SIZE_RANGE[0]} to "
-                         f"{SIZE_RANGE[1]}")
+        raise InputError(
+            f"{name}: {size} is not a multiple of 8; allowed: multiples of 8 from {SIZE_RANGE[0]} to {SIZE_RANGE[1]}"
+        )
     return size
 
 
@@ -130,8 +131,7 @@ def resolve_mode(name, enabled: tuple[str, ...]) -> Mode:
     if name not in MODES:
         raise InputError(f"mode: {name!r} is not a mode; allowed: {', '.join(MODES)}")
     if name not in enabled:
-        raise InputError(f"mode: {name!r} is not enabled on this server (ENABLED_MODES); "
-                         f"enabled: {', '.join(enabled)}")
+        raise InputError(f"mode: {name!r} is not enabled on this server (ENABLED_MODES); enabled: {', '.join(enabled)}")
     return MODES[name]
 
 
@@ -217,8 +217,9 @@ def resolve_steps(mode: Mode, value) -> int:
 def resolve_guidance(mode: Mode, value) -> float:
     guidance = mode.guidance.default if value is None else _number("guidance_scale", value)
     if not mode.guidance.allows(guidance):
-        raise InputError(f"guidance_scale: {guidance:g} is not allowed for mode {mode.name}; "
-                         f"allowed: {mode.guidance.describe()}")
+        raise InputError(
+            f"guidance_scale: {guidance:g} is not allowed for mode {mode.name}; allowed: {mode.guidance.describe()}"
+        )
     return guidance
 
 

@@ -31,11 +31,18 @@ diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 # diffusers warns on every dtype cast inside from_pretrained, even with nothing to keep in fp32 ("[]").
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
-    lambda record: "should be kept in float32: []" not in record.getMessage())
+    lambda record: "should be kept in float32: []" not in record.getMessage()
+)
 
 # Config keys that record provenance only; two configs differing in these describe the same module.
-PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "dtype",
-                   "torch_dtype")
+PROVENANCE_KEYS = (
+    "_name_or_path",
+    "_diffusers_version",
+    "transformers_version",
+    "_commit_hash",
+    "dtype",
+    "torch_dtype",
+)
 
 
 DECODERS = ("AutoencoderKL", "AutoencoderTiny")
@@ -73,8 +80,9 @@ def check_present(weights_dir: Path, mode_names) -> None:
     missing = []
     for name in mode_names:
         for repo in MODES[name].repos:
-            missing += [f"{repo.repo_id}/{f}" for f in repo_files(repo)
-                        if not (repo_dir(weights_dir, repo) / f).is_file()]
+            missing += [
+                f"{repo.repo_id}/{f}" for f in repo_files(repo) if not (repo_dir(weights_dir, repo) / f).is_file()
+            ]
     if missing:
         shown = "\n  ".join(sorted(set(missing))[:20])
         more = f"\n  ... and {len(set(missing)) - 20} more" if len(set(missing)) > 20 else ""
@@ -120,11 +128,19 @@ class ComponentLoader:
         self._canonical: dict[tuple[int, int], tuple[int, int]] = {}
         self._seen: dict[tuple[int, int], tuple[Path, int]] = {}
 
-    def part(self, repo_path: Path, repo: Repo, component: str, library: str, class_name: str,
-             lora: str | None = None) -> Part:
+    def part(
+        self, repo_path: Path, repo: Repo, component: str, library: str, class_name: str, lora: str | None = None
+    ) -> Part:
         if component == TINY_VAE:  # TAESD / TAESDXL at the repo's root
-            return Part(("AutoencoderTiny", repo.repo_id), repo_path, None, "diffusers", "AutoencoderTiny", repo.variant,
-                        repo_path / "diffusion_pytorch_model.safetensors")
+            return Part(
+                ("AutoencoderTiny", repo.repo_id),
+                repo_path,
+                None,
+                "diffusers",
+                "AutoencoderTiny",
+                repo.variant,
+                repo_path / "diffusion_pytorch_model.safetensors",
+            )
         weights = repo_path / weight_file(repo, component)
         # The UNet a LoRA is fused into is that mode's own.
         key = (class_name, self._config(repo_path / component), self._digest(weights), lora)
@@ -135,8 +151,11 @@ class ComponentLoader:
 
     def load(self, part: Part):
         if part.key in self.loaded:
-            log.info("%s/%s: sharing the identical component already loaded", part.repo_path.name,
-                     part.subfolder or part.class_name)
+            log.info(
+                "%s/%s: sharing the identical component already loaded",
+                part.repo_path.name,
+                part.subfolder or part.class_name,
+            )
             return self.loaded[part.key]
         cls = getattr(diffusers if part.library == "diffusers" else transformers, part.class_name)
         kwargs = {"subfolder": part.subfolder} if part.subfolder else {}
@@ -191,8 +210,13 @@ def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> dict[s
         lora = mode.weights.lora.repo_id if mode.weights.lora and component == "unet" else None
         parts[component] = loader.part(path, mode.weights.repo, component, library, class_name, lora)
     if mode.weights.tiny_vae:
-        parts[TINY_VAE] = loader.part(repo_dir(weights_dir, mode.weights.tiny_vae), mode.weights.tiny_vae, TINY_VAE, "diffusers",
-                                      "AutoencoderTiny")
+        parts[TINY_VAE] = loader.part(
+            repo_dir(weights_dir, mode.weights.tiny_vae),
+            mode.weights.tiny_vae,
+            TINY_VAE,
+            "diffusers",
+            "AutoencoderTiny",
+        )
     return parts
 
 
@@ -206,7 +230,8 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
         cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
         if component == "scheduler":  # stateful during a run: every pipeline gets its own
             components[component] = getattr(diffusers, mode.weights.scheduler or class_name).from_pretrained(
-                path, subfolder=component)  # a replacement class keeps the repo's betas and spacing config
+                path, subfolder=component
+            )  # a replacement class keeps the repo's betas and spacing config
         elif component.startswith("tokenizer"):
             key = (mode.weights.repo.repo_id, component)
             if key not in loader.loaded:
@@ -228,8 +253,13 @@ def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool) -
     txt2img_name, img2img_name = PIPELINE_CLASSES[mode.family]
     txt2img_cls = getattr(diffusers, txt2img_name)
     accepted = inspect.signature(txt2img_cls.__init__).parameters
-    extras = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
-              "requires_safety_checker": False, "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt}
+    extras = {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+        "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+    }
     txt2img = txt2img_cls(**components, **{k: v for k, v in extras.items() if k in accepted})
     txt2img.set_progress_bar_config(disable=True)
     img2img = getattr(diffusers, img2img_name).from_pipe(txt2img)  # same modules, no second copy
@@ -250,14 +280,17 @@ def fuse_lora(pipe, lora_dir: Path) -> None:
     with safe_open(lora_dir / LORA_WEIGHT_NAME, "pt") as f:
         in_file = sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in f.keys())
     if injected != in_file:
-        raise RuntimeError(f"{lora_dir / LORA_WEIGHT_NAME}: {in_file} LoRA modules in the file but {injected} "
-                           "matched the UNet; is it the LoRA for this base model?")
+        raise RuntimeError(
+            f"{lora_dir / LORA_WEIGHT_NAME}: {in_file} LoRA modules in the file but {injected} "
+            "matched the UNet; is it the LoRA for this base model?"
+        )
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)
     pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
 
 
-def load_modes(weights_dir: Path, mode_names, device: torch.device, dtype: torch.dtype,
-               loader: ComponentLoader | None = None) -> dict[str, LoadedMode]:
+def load_modes(
+    weights_dir: Path, mode_names, device: torch.device, dtype: torch.dtype, loader: ComponentLoader | None = None
+) -> dict[str, LoadedMode]:
     check_present(weights_dir, mode_names)
     loader = loader or ComponentLoader(device, dtype)
     return {name: load_mode(loader, weights_dir, MODES[name]) for name in mode_names}

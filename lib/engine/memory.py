@@ -18,7 +18,6 @@ the same plan and bookkeeping run, and a move only updates the bookkeeping.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
@@ -29,8 +28,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Working memory, per image at a mode's default size (estimates, checked on a GPU by scripts/gpu_check.sh): the VAE
 # decoder holds about ten tensors of its full-resolution width at once; the UNet about two dozen of its widest
 # latent-resolution activations per batch entry (classifier-free guidance doubles the batch).
@@ -41,15 +38,6 @@ MARGIN = 0.05  # of the budget: the allocator's fragmentation, cuBLAS and cuDNN 
 
 class MemoryBudgetError(RuntimeError):
     """An enabled mode cannot fit on the device at all."""
-
-
-def parse_bytes(name: str, text: str) -> int:
-    """'20GB', '20 GiB', '500MB', '123456' -> bytes; anything else is an error naming `name`."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])?\s*", text or "")
-    if not m:
-        raise ValueError(f"{name}: {text!r} is not a size; allowed: bytes, or a number with a unit "
-                         "(500MB, 20GB, 20GiB)")
-    return int(float(m[1]) * UNITS[(m[2] or "").lower()])
 
 
 def human(n: float) -> str:
@@ -80,8 +68,9 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def working_bytes(unet_config: dict, vae_config: dict, size: int, unet_dtype: torch.dtype, vae_dtype: torch.dtype,
-                  cfg: bool) -> int:
+def working_bytes(
+    unet_config: dict, vae_config: dict, size: int, unet_dtype: torch.dtype, vae_dtype: torch.dtype, cfg: bool
+) -> int:
     """Activation memory of one image at `size` x `size` (estimate; see VAE_LIVE_TENSORS)."""
     vae = size * size * vae_config["block_out_channels"][0] * _bytes(vae_dtype) * VAE_LIVE_TENSORS
     latent = (size // 8) ** 2
@@ -117,14 +106,22 @@ class Plan:
         total = human(self.weights(self.mode_modules))
         if self.budget is None:
             return f"memory plan: every mode resident ({total} of weights; no limit on {self.source})"
-        return (f"memory plan: {human(self.budget)} ({self.source}): {human(self.working)} kept for activations; "
-                f"resident {', '.join(self.resident)} ({human(self.weights(self.resident))} of weights)"
-                + (f"; in host memory until a request needs them: {', '.join(waiting)}" if waiting else "")
-                + f"; all modes: {total}")
+        return (
+            f"memory plan: {human(self.budget)} ({self.source}): {human(self.working)} kept for activations; "
+            f"resident {', '.join(self.resident)} ({human(self.weights(self.resident))} of weights)"
+            + (f"; in host memory until a request needs them: {', '.join(waiting)}" if waiting else "")
+            + f"; all modes: {total}"
+        )
 
 
-def make_plan(mode_modules: dict[str, frozenset], module_bytes: dict[Hashable, int], always: frozenset,
-              working: dict[str, int], budget: int | None, source: str) -> Plan:
+def make_plan(
+    mode_modules: dict[str, frozenset],
+    module_bytes: dict[Hashable, int],
+    always: frozenset,
+    working: dict[str, int],
+    budget: int | None,
+    source: str,
+) -> Plan:
     """Which modes stay resident (table order) within `budget`; fails if an enabled mode cannot fit at all."""
     work = max(working.values(), default=0)
     plan = Plan(budget, source, work, dict(module_bytes), dict(mode_modules), frozenset(always))
@@ -143,8 +140,10 @@ def make_plan(mode_modules: dict[str, frozenset], module_bytes: dict[Hashable, i
             f"{human(budget)} ({source}; {MARGIN:.0%} of it is kept as headroom). "
             + (f"Too big here: {', '.join(too_big)}. " if len(too_big) > 1 else "")
             + "Set DEVICE_MEMORY_BUDGET higher (on a bigger device), or leave "
-            + ("those modes" if len(too_big) > 1 else "the mode") + " out with ENABLED_MODES"
-            + (f" (these fit: {', '.join(fit)})" if fit else " (no mode fits)"))
+            + ("those modes" if len(too_big) > 1 else "the mode")
+            + " out with ENABLED_MODES"
+            + (f" (these fit: {', '.join(fit)})" if fit else " (no mode fits)")
+        )
     resident: list[str] = []
     for m in mode_modules:
         if plan.weights([*resident, m]) <= plan.weights_budget:
@@ -165,8 +164,9 @@ class Residency:
     moves: int = 0
 
     def __post_init__(self) -> None:
-        self.on_device = {id(m) for m in self.always} | {id(m) for name in self.plan.resident
-                                                        for m in self.modules[name]}
+        self.on_device = {id(m) for m in self.always} | {
+            id(m) for name in self.plan.resident for m in self.modules[name]
+        }
         self.recent = OrderedDict((name, None) for name in self.plan.resident)
         self._bytes = {id(m): module_bytes(m) for ms in (*self.modules.values(), self.always) for m in ms}
 
@@ -212,9 +212,14 @@ class Residency:
             torch.cuda.current_stream(self.device).synchronize()  # the move is done before its time is reported
         self.moves += 1
         seconds = time.perf_counter() - started
-        log.info("memory: moved mode %s to %s in %.2f s (%s)%s", name, self.device, seconds,
-                 human(sum(self._bytes[id(m)] for m in needed)),
-                 f"; moved out to host memory: {', '.join(evicted)}" if evicted else "")
+        log.info(
+            "memory: moved mode %s to %s in %.2f s (%s)%s",
+            name,
+            self.device,
+            seconds,
+            human(sum(self._bytes[id(m)] for m in needed)),
+            f"; moved out to host memory: {', '.join(evicted)}" if evicted else "",
+        )
         return seconds, evicted
 
     def evict_all_but(self, name: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-
 # Pipeline families: which diffusers pipeline classes run a mode.
 SD = "sd"
 SDXL = "sdxl"
@@ -91,8 +90,13 @@ class Mode:
 
     @property
     def summary(self) -> str:
-        guidance = ("guidance embedded in the UNet" if self.guidance.embedded else
-                    "no guidance" if not self.guidance.range else f"guidance {self.guidance.short()}")
+        guidance = (
+            "guidance embedded in the UNet"
+            if self.guidance.embedded
+            else "no guidance"
+            if not self.guidance.range
+            else f"guidance {self.guidance.short()}"
+        )
         return f"{self.title}: {self.steps.range[0]}-{self.steps.range[1]} steps, {guidance}, {self.size}px"
 
     def negative_prompt_has_effect(self, guidance: float) -> bool:
@@ -126,26 +130,30 @@ TINY_VAE = "taesd"
 TAESD = Repo("madebyollin/taesd", None, (TINY_VAE,), "MIT")
 TAESDXL = Repo("madebyollin/taesdxl", None, (TINY_VAE,), "MIT")
 
-MODES: dict[str, Mode] = {
-    m.name: m
-    for m in (
-        Mode(name="sdxl-turbo", title="SDXL Turbo", family=SDXL, base_model="SDXL",
-             steps=Steps(default=1, range=(1, 4)), guidance=Guidance(default=0.0, values=(0.0,)), size=512,
-             weights=Weights(repo=SDXL_TURBO, tiny_vae=TAESDXL)),
-        Mode(name="sd-turbo", title="SD Turbo", family=SD, base_model="SD 2.1",
-             steps=Steps(default=1, range=(1, 4)), guidance=Guidance(default=0.0, values=(0.0,)), size=512,
-             weights=Weights(repo=SD_TURBO, tiny_vae=TAESD)),
-        Mode(name="lcm", title="LCM Dreamshaper v7", family=LCM, base_model="SD 1.5",
-             steps=Steps(default=4, range=(1, 8)), guidance=Guidance(default=8.0, range=(1.0, 15.0), embedded=True),
-             size=768, weights=Weights(repo=LCM_DREAMSHAPER, tiny_vae=TAESD)),
-        Mode(name="lcm-lora-sdxl", title="SDXL base + LCM-LoRA", family=SDXL, base_model="SDXL",
-             steps=Steps(default=4, range=(2, 8)), guidance=Guidance(default=1.0, values=(0.0,), range=(1.0, 2.0)),
-             size=1024, weights=Weights(repo=SDXL_BASE, lora=LCM_LORA_SDXL, scheduler="LCMScheduler", tiny_vae=TAESDXL)),
-        Mode(name="lcm-lora-sd15", title="SD 1.5 + LCM-LoRA", family=SD, base_model="SD 1.5",
-             steps=Steps(default=4, range=(2, 8)), guidance=Guidance(default=1.0, values=(0.0,), range=(1.0, 2.0)),
-             size=512, weights=Weights(repo=SD15, lora=LCM_LORA_SD15, scheduler="LCMScheduler", tiny_vae=TAESD)),
-    )
-}
+# The turbo models are distilled for 1-4 steps without classifier-free guidance; the LCM-LoRAs for 2-8 steps at
+# guidance 1 (1-2 sharpens, 0 also works).
+TURBO_STEPS, TURBO_GUIDANCE = Steps(default=1, range=(1, 4)), Guidance(default=0.0, values=(0.0,))
+LCM_LORA_STEPS = Steps(default=4, range=(2, 8))
+LCM_LORA_GUIDANCE = Guidance(default=1.0, values=(0.0,), range=(1.0, 2.0))
+
+# The table, one mode each.
+# fmt: off
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode(name="sdxl-turbo", title="SDXL Turbo", family=SDXL, base_model="SDXL", size=512,
+         steps=TURBO_STEPS, guidance=TURBO_GUIDANCE, weights=Weights(repo=SDXL_TURBO, tiny_vae=TAESDXL)),
+    Mode(name="sd-turbo", title="SD Turbo", family=SD, base_model="SD 2.1", size=512,
+         steps=TURBO_STEPS, guidance=TURBO_GUIDANCE, weights=Weights(repo=SD_TURBO, tiny_vae=TAESD)),
+    Mode(name="lcm", title="LCM Dreamshaper v7", family=LCM, base_model="SD 1.5", size=768,
+         steps=Steps(default=4, range=(1, 8)), guidance=Guidance(default=8.0, range=(1.0, 15.0), embedded=True),
+         weights=Weights(repo=LCM_DREAMSHAPER, tiny_vae=TAESD)),
+    Mode(name="lcm-lora-sdxl", title="SDXL base + LCM-LoRA", family=SDXL, base_model="SDXL", size=1024,
+         steps=LCM_LORA_STEPS, guidance=LCM_LORA_GUIDANCE,
+         weights=Weights(repo=SDXL_BASE, lora=LCM_LORA_SDXL, scheduler="LCMScheduler", tiny_vae=TAESDXL)),
+    Mode(name="lcm-lora-sd15", title="SD 1.5 + LCM-LoRA", family=SD, base_model="SD 1.5", size=512,
+         steps=LCM_LORA_STEPS, guidance=LCM_LORA_GUIDANCE,
+         weights=Weights(repo=SD15, lora=LCM_LORA_SD15, scheduler="LCMScheduler", tiny_vae=TAESD)),
+)}
+# fmt: on
 DEFAULT_MODE = "sdxl-turbo"
 
 
@@ -161,27 +169,34 @@ def guidance_bounds() -> tuple[float, float]:
 
 def steps_help() -> str:
     return "Denoising steps; default (allowed) per mode: " + "; ".join(
-        f"{m.name} {m.steps.describe()}" for m in MODES.values())
+        f"{m.name} {m.steps.describe()}" for m in MODES.values()
+    )
 
 
 def guidance_help() -> str:
     return "Default (allowed) per mode: " + "; ".join(
-        f"{m.name} {m.guidance.default:g} ({m.guidance.short()})" for m in MODES.values())
+        f"{m.name} {m.guidance.default:g} ({m.guidance.short()})" for m in MODES.values()
+    )
 
 
 def markdown_table() -> str:
     """The README's table of modes."""
+
     def link(repo: Repo) -> str:
         return f"[{repo.repo_id}](https://huggingface.co/{repo.repo_id})"
 
-    rows = ["| `mode` | weights | steps: default (allowed) | guidance: default (allowed) | default size |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| `mode` | weights | steps: default (allowed) | guidance: default (allowed) | default size |",
+        "|---|---|---|---|---|",
+    ]
     for m in MODES.values():
         w = m.weights
         weights = link(w.repo) + (f" + {link(w.lora)}, fused" if w.lora else "")
         name = f"`{m.name}`" + (" (default)" if m.name == DEFAULT_MODE else "")
-        rows.append(f"| {name} | {weights} | {m.steps.describe()} | {m.guidance.default:g} ({m.guidance.short()}) "
-                    f"| {m.size}x{m.size} |")
+        rows.append(
+            f"| {name} | {weights} | {m.steps.describe()} | {m.guidance.default:g} ({m.guidance.short()}) "
+            f"| {m.size}x{m.size} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -192,8 +207,9 @@ def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:
     for repo in [r for name in mode_names for r in MODES[name].repos] + ([SAFETY_CHECKER] if safety_checker else []):
         had = seen.setdefault(repo.repo_id, repo)
         if had is not repo and not set(repo.components) <= set(had.components):
-            seen[repo.repo_id] = replace(had, components=had.components + tuple(
-                c for c in repo.components if c not in had.components))
+            seen[repo.repo_id] = replace(
+                had, components=had.components + tuple(c for c in repo.components if c not in had.components)
+            )
     return list(seen.values())
 
 
@@ -202,8 +218,9 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 
 def weight_file(repo: Repo, component: str) -> str:
     """A component's safetensors file as the Hub repo names it (fp16 variants: `model.fp16.safetensors`)."""
-    stem = "model" if component.startswith("text_encoder") or component == "safety_checker" \
-        else "diffusion_pytorch_model"  # transformers / diffusers naming
+    stem = (
+        "model" if component.startswith("text_encoder") or component == "safety_checker" else "diffusion_pytorch_model"
+    )  # transformers / diffusers naming
     return f"{component}/{stem}{f'.{repo.variant}' if repo.variant else ''}.safetensors"
 
 

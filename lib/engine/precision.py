@@ -50,9 +50,11 @@ def choose(device: torch.device, capability: tuple[int, int] | None = None, requ
     capability = capability or torch.cuda.get_device_capability(device)
     native = tuple(capability) >= NATIVE_BF16
     if requested == "bfloat16" and not native:
-        raise ValueError(f"MODEL_DTYPE: bfloat16 needs compute capability {NATIVE_BF16[0]}.{NATIVE_BF16[1]} or above "
-                         f"(Ampere and later); this GPU's is {capability[0]}.{capability[1]}, where bfloat16 is only "
-                         "emulated; allowed here: float16, float32")
+        raise ValueError(
+            f"MODEL_DTYPE: bfloat16 needs compute capability {NATIVE_BF16[0]}.{NATIVE_BF16[1]} or above "
+            f"(Ampere and later); this GPU's is {capability[0]}.{capability[1]}, where bfloat16 is only "
+            "emulated; allowed here: float16, float32"
+        )
     model = getattr(torch, requested or "float16")
     upcast = torch.float32 if model == torch.float32 else (torch.bfloat16 if native else torch.float32)
     return Precision(model, upcast, native)

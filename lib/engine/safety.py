@@ -34,9 +34,11 @@ def check_present(weights_dir: Path) -> None:
     missing = [f"{SAFETY_CHECKER.repo_id}/{f}" for f in repo_files(SAFETY_CHECKER) if not (folder / f).is_file()]
     if missing:
         raise WeightsMissingError(
-            f"safety checker weights missing in {Path(weights_dir).resolve()}:\n  " + "\n  ".join(missing)
+            f"safety checker weights missing in {Path(weights_dir).resolve()}:\n  "
+            + "\n  ".join(missing)
             + "\nFetch them with the other weights (setup does, unless WEIGHTS_OFFLINE=1), or set "
-            "SAFETY_CHECKER=0 to run without the safety checker.")
+            "SAFETY_CHECKER=0 to run without the safety checker."
+        )
 
 
 def weights_path(weights_dir: Path) -> Path:
@@ -48,8 +50,10 @@ class AllImagesFlagged(RuntimeError):
     """Every image of a request was flagged: the request fails (the others of its batch go on)."""
 
     def __init__(self, count: int):
-        super().__init__(f"all {count} image(s) were flagged by the safety checker as possibly not safe for work "
-                         "(NSFW) and dropped; try another prompt or seed")
+        super().__init__(
+            f"all {count} image(s) were flagged by the safety checker as possibly not safe for work "
+            "(NSFW) and dropped; try another prompt or seed"
+        )
 
 
 class SafetyChecker:
@@ -72,8 +76,9 @@ class SafetyChecker:
         folder = repo_dir(weights_dir, SAFETY_CHECKER)
         check_present(weights_dir)
         started = time.perf_counter()
-        model = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", variant=SAFETY_CHECKER.variant,
-                                                              dtype=dtype)
+        model = StableDiffusionSafetyChecker.from_pretrained(
+            folder / "safety_checker", variant=SAFETY_CHECKER.variant, dtype=dtype
+        )
         model.to(device).eval().requires_grad_(False)
         processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
         log.info("loaded the safety checker in %.1f s", time.perf_counter() - started)
@@ -84,7 +89,7 @@ class SafetyChecker:
         """Whether each image shows a concept the checker flags (the real checker's forward decides)."""
         result: list[bool] = []
         for start in range(0, len(images), self.max_batch):
-            chunk = images[start: start + self.max_batch]
+            chunk = images[start : start + self.max_batch]
             pixels = self._pixels(chunk)
             # `images` is only blacked out in place by the checker; a placeholder of one value per image will do.
             _, nsfw = self.model(clip_input=pixels.to(self.device, self.dtype), images=torch.zeros(len(chunk), 1))
@@ -98,7 +103,7 @@ class SafetyChecker:
         if self._pool is None or len(images) < 4:
             return run(images)
         step = -(-len(images) // self._threads)
-        return torch.cat(list(self._pool.map(run, [images[i: i + step] for i in range(0, len(images), step)])))
+        return torch.cat(list(self._pool.map(run, [images[i : i + step] for i in range(0, len(images), step)])))
 
 
 def load_from_env(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker | None:

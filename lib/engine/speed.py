@@ -44,11 +44,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from lib.engine.precision import Precision, needs_upcast
+from lib.engine.precision import choose as choose_precision
 from lib.settings import Settings
-from lib.engine.precision import Precision, choose as choose_precision, needs_upcast
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,9 @@ class Switches:
         if values["cuda_graphs"] and "unet" not in values["compile"]:
             values["compile"] = ("unet", *values["compile"])  # CUDA graphs come through torch.compile
         if not values["compile_mode"]:
-            values["compile_mode"] = ("default" if not cuda else
-                                      "max-autotune" if values["cuda_graphs"] else "max-autotune-no-cudagraphs")
+            values["compile_mode"] = (
+                "default" if not cuda else "max-autotune" if values["cuda_graphs"] else "max-autotune-no-cudagraphs"
+            )
         return cls(**values)
 
     def describe(self) -> str:
@@ -144,8 +145,14 @@ def attention_report(modules) -> dict:
 
 
 @torch.no_grad()
-def apply(modes: dict, device: torch.device, dtype: torch.dtype, switches: Switches, dtypes: Precision | None = None,
-          resident=None) -> dict:
+def apply(
+    modes: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    switches: Switches,
+    dtypes: Precision | None = None,
+    resident=None,
+) -> dict:
     """Apply `switches` to every mode's modules (each shared module once); `resident`: the modes the memory plan
     keeps on the device (default: all). Returns what was done."""
     from diffusers.models.attention_processor import AttnProcessor
@@ -262,8 +269,11 @@ def _compile(switches: Switches, unets, vaes, texts, on_device: set[int]) -> Non
             options = {"backend": switches.compile_backend}
             if switches.compile_backend == "inductor":
                 # A module that the memory plan may move out and back must not hold CUDA graphs.
-                options["mode"] = switches.compile_mode if id(module) in on_device or not switches.cuda_graphs \
+                options["mode"] = (
+                    switches.compile_mode
+                    if id(module) in on_device or not switches.cuda_graphs
                     else "max-autotune-no-cudagraphs"
+                )
             getattr(module, "decoder", module).compile(**options)  # in place: the pipelines share the module
 
 
@@ -278,8 +288,9 @@ def warm_up(engine) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for fast_decode in _decode_variants(engine, name):
                 extra = {"fast_decode": True} if fast_decode else {}
-                request = engine.request(prompt="warm-up", mode=name, seed=0, output_format="webp",
-                                         disable_safety_checker=True, **extra)
+                request = engine.request(
+                    prompt="warm-up", mode=name, seed=0, output_format="webp", disable_safety_checker=True, **extra
+                )
                 for _ in engine.run(request, tmp):
                     pass
         seconds[name] = round(time.perf_counter() - started, 3)
@@ -306,6 +317,11 @@ def optimize(engine, switches: Switches | None = None, dtypes: Precision | None 
     report["warmup_s"] = {}
     engine.speed = report
     engine.switches = switches
-    log.info("fast path on %s: %s; attention: %s; applied in %.1f s", engine.device, switches.describe(),
-             report["attention"], report["apply_s"])
+    log.info(
+        "fast path on %s: %s; attention: %s; applied in %.1f s",
+        engine.device,
+        switches.describe(),
+        report["attention"],
+        report["apply_s"],
+    )
     return engine

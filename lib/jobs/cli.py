@@ -149,7 +149,3 @@ def main(argv=None) -> int:
     except (jobs.JobsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,11 +13,11 @@ import mimetypes
 import os
 import re
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Callable
+
+import requests
 
 from lib.atomic import write_atomically
 from lib.jobs.ledger import TERMINAL, Ledger
@@ -39,8 +39,9 @@ def fetch_output(value: str, timeout: float = 120) -> tuple[bytes, str]:
             raise ValueError(f"output data URI is not valid base64: {e}") from None
         return body, EXTENSIONS.get(mime) or (mimetypes.guess_extension(mime) or ".bin").lstrip(".")
     if value.startswith(("https://", "http://")):
-        with urllib.request.urlopen(value, timeout=timeout) as r:
-            body, mime = r.read(), r.headers.get_content_type()
+        r = requests.get(value, timeout=timeout)
+        r.raise_for_status()
+        body, mime = r.content, r.headers.get("Content-Type", "").split(";")[0].strip()
         ext = Path(urllib.parse.urlparse(value).path).suffix.lstrip(".").lower()
         return body, ext if re.fullmatch(r"[a-z0-9]{1,5}", ext) else EXTENSIONS.get(mime, "bin")
     raise ValueError(f"output {value[:60]!r} is neither a data URI nor a URL")
@@ -85,7 +86,7 @@ class Receiver:
         if attempt == job["attempt"] and job["state"] not in TERMINAL:
             try:
                 files = self._save_outputs(key, payload.get("output"), job["outputs"])
-            except (OSError, ValueError, urllib.error.URLError) as e:
+            except (OSError, ValueError, requests.RequestException) as e:
                 # 5xx: the sender retries (a Cog server retries terminal webhooks; Replicate retries all).
                 self.log(f"receiver: job {key}: could not save an output ({e}); asking for a retry")
                 return 503, {"error": f"could not save an output: {e}"}

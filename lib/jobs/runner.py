@@ -13,11 +13,11 @@ import os
 import re
 import secrets
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Callable
+
+import requests
 
 from lib.jobs.ledger import RESUBMITTABLE, TERMINAL, Ledger
 from lib.settings import Settings
@@ -69,20 +69,17 @@ class CogBackend:
         self.url, self.timeout = url.rstrip("/"), timeout
 
     def create(self, prediction_id: str, input: dict, webhook: str) -> str:
-        body = json.dumps({"id": prediction_id, "input": input, "webhook": webhook,
-                           "webhook_events_filter": EVENTS}).encode()
-        req = urllib.request.Request(f"{self.url}/predictions", body, method="POST", headers={
-            "Content-Type": "application/json", "Prefer": "respond-async"})
+        body = {"id": prediction_id, "input": input, "webhook": webhook, "webhook_events_filter": EVENTS}
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read()).get("id") or prediction_id
-        except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")[:500]
-            if e.code in (409, 429, 503):
-                raise Busy(f"{e.code} {text}") from None
-            raise JobsError(f"{self.url}/predictions answered {e.code}: {text}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise Busy(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from None
+            r = requests.post(f"{self.url}/predictions", json=body, headers={"Prefer": "respond-async"},
+                              timeout=self.timeout)
+        except requests.RequestException as e:
+            raise Busy(f"cannot reach {self.url}: {e}") from None
+        if r.status_code in (409, 429, 503):
+            raise Busy(f"{r.status_code} {r.text[:500]}")
+        if r.status_code >= 400:
+            raise JobsError(f"{self.url}/predictions answered {r.status_code}: {r.text[:500]}")
+        return r.json().get("id") or prediction_id
 
 
 class ReplicateBackend:

@@ -48,7 +48,7 @@ _TE_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "ou
 
 def _module_name(key: str, component: str) -> str:
     """The model layer a (diffusers-format) down-weight key is for, as named_modules() names it, roughly."""
-    key = key[len(component) + 1:]
+    key = key[len(component) + 1 :]
     for pattern, _ in _MODULE:
         if m := pattern.match(key):
             name = m.group(1)
@@ -63,14 +63,19 @@ def _module_name(key: str, component: str) -> str:
 
 
 def _components(pipe) -> dict:
-    return {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None}
+    return {
+        c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
+    }
 
 
 def _adapter_layers(module, adapter: str | None = ADAPTER) -> list[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [name.removeprefix("text_model.") for name, m in module.named_modules()
-            if isinstance(m, BaseTunerLayer) and (adapter is None or adapter in getattr(m, "lora_A", {}))]
+    return [
+        name.removeprefix("text_model.")
+        for name, m in module.named_modules()
+        if isinstance(m, BaseTunerLayer) and (adapter is None or adapter in getattr(m, "lora_A", {}))
+    ]
 
 
 def _expected_layers(pipe, state: dict) -> dict[str, set[str]]:
@@ -78,8 +83,9 @@ def _expected_layers(pipe, state: dict) -> dict[str, set[str]]:
     try:
         result = pipe.lora_state_dict(dict(state), unet_config=pipe.unet.config)
     except Exception as e:  # noqa: BLE001 - diffusers raises ValueError, KeyError, ... on foreign layouts
-        raise InputError(f"lora_url: not a LoRA layout that can be read (kohya or diffusers/peft): {str(e)[:300]}") \
-            from None
+        raise InputError(
+            f"lora_url: not a LoRA layout that can be read (kohya or diffusers/peft): {str(e)[:300]}"
+        ) from None
     converted = result[0] if isinstance(result, tuple) else result
     layers: dict[str, set[str]] = {}
     for key in converted:
@@ -97,24 +103,34 @@ def _mismatch(pipe, mode_name: str, state: dict, expected: dict[str, set[str]], 
         wanted = expected.get(component, set())
         missing = sorted(name for name in wanted if not _has_layer(module, name))
         if missing:
-            parts.append(f"{len(missing)} of its {len(wanted)} {COMPONENT_LABELS[component]} layers are not in the "
-                         f"model (e.g. {', '.join(missing[:2])})")
-    shapes = re.findall(r"size mismatch for (\S+?)\.lora_[AB]\.\S+: copying a param with shape torch\.Size\((\[.*?\])\)"
-                        r" from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(error or ""))
+            parts.append(
+                f"{len(missing)} of its {len(wanted)} {COMPONENT_LABELS[component]} layers are not in the "
+                f"model (e.g. {', '.join(missing[:2])})"
+            )
+    shapes = re.findall(
+        r"size mismatch for (\S+?)\.lora_[AB]\.\S+: copying a param with shape torch\.Size\((\[.*?\])\)"
+        r" from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)",
+        str(error or ""),
+    )
     if shapes:
         name, theirs, ours = shapes[0]
-        parts.append(f"{len({s[0] for s in shapes})} layers have other shapes (e.g. {name}: LoRA {theirs}, "
-                     f"model {ours})")
+        parts.append(
+            f"{len({s[0] for s in shapes})} layers have other shapes (e.g. {name}: LoRA {theirs}, model {ours})"
+        )
     if error is not None and not shapes and not parts:
         parts.append(str(error).strip().splitlines()[0][:300])
     width = _cross_attention_width(state)
     model_width = pipe.unet.config.cross_attention_dim
     if width and width != model_width:
-        parts.append(f"its cross-attention width is {width}{_base_note(width)}, the model's {model_width}"
-                     f"{_base_note(model_width)}")
-    return InputError(f"lora_url: this LoRA does not fit mode {mode_name}'s model ({base}): "
-                      f"{'; '.join(parts) or 'its layers do not match'}. It was probably made for another base model; "
-                      f"use one made for {base}")
+        parts.append(
+            f"its cross-attention width is {width}{_base_note(width)}, the model's {model_width}"
+            f"{_base_note(model_width)}"
+        )
+    return InputError(
+        f"lora_url: this LoRA does not fit mode {mode_name}'s model ({base}): "
+        f"{'; '.join(parts) or 'its layers do not match'}. It was probably made for another base model; "
+        f"use one made for {base}"
+    )
 
 
 def _base_note(width) -> str:
@@ -134,8 +150,12 @@ def _has_layer(module, name: str) -> bool:
 def _cross_attention_width(state: dict) -> int | None:
     """The text-embedding width the LoRA's cross-attention key/value layers take (768 SD 1.x, 2048 SDXL, ...)."""
     for key, tensor in state.items():
-        if ("attn2" in key and ("to_k" in key or "to_v" in key) and ("down" in key or "lora_A" in key)
-                and tensor.ndim == 2):
+        if (
+            "attn2" in key
+            and ("to_k" in key or "to_v" in key)
+            and ("down" in key or "lora_A" in key)
+            and tensor.ndim == 2
+        ):
             return int(tensor.shape[1])
     return None
 
@@ -148,15 +168,19 @@ def _apply(pipe, state: dict, scale: float, mode_name: str) -> None:
     components = _components(pipe)
     foreign = sorted(set(expected) - set(COMPONENT_LABELS))
     if foreign:
-        raise InputError(f"lora_url: the file has layers for {', '.join(foreign[:3])}, which a Stable Diffusion "
-                         f"pipeline does not have; it is not a LoRA for mode {mode_name}")
+        raise InputError(
+            f"lora_url: the file has layers for {', '.join(foreign[:3])}, which a Stable Diffusion "
+            f"pipeline does not have; it is not a LoRA for mode {mode_name}"
+        )
     if not expected.get("unet"):
         raise InputError("lora_url: the file has no UNet layers; a style LoRA must adapt the UNet")
     absent = [c for c in expected if c not in components]
     if absent:
-        raise InputError(f"lora_url: the file has {COMPONENT_LABELS[absent[0]]} layers, which mode {mode_name}'s model "
-                         f"({MODES[mode_name].base_model}) does not have; it was made for another base model "
-                         f"(e.g. SDXL)")
+        raise InputError(
+            f"lora_url: the file has {COMPONENT_LABELS[absent[0]]} layers, which mode {mode_name}'s model "
+            f"({MODES[mode_name].base_model}) does not have; it was made for another base model "
+            f"(e.g. SDXL)"
+        )
     levels = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity(logging.CRITICAL)  # our own message says what did not fit
     transformers.utils.logging.set_verbosity(logging.ERROR)
@@ -166,8 +190,9 @@ def _apply(pipe, state: dict, scale: float, mode_name: str) -> None:
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
             raise _mismatch(pipe, mode_name, state, expected, e) from None
         loaded = {c: len(_adapter_layers(m)) for c, m in components.items()}
-        if any(loaded.get(c, 0) != len(layers) for c, layers in expected.items()) \
-                or any(n and c not in expected for c, n in loaded.items()):
+        if any(loaded.get(c, 0) != len(layers) for c, layers in expected.items()) or any(
+            n and c not in expected for c, n in loaded.items()
+        ):
             raise _mismatch(pipe, mode_name, state, expected, None)
         pipe.set_adapters([ADAPTER], [scale])
     finally:
@@ -205,8 +230,10 @@ def _remove(pipe, restore) -> None:
         drop_projections(rebuilt)
     left = {c: n for c, m in _components(pipe).items() if (n := len(_adapter_layers(m, None)))}
     if left:
-        raise RuntimeError(f"the style LoRA could not be removed ({left} adapter layers left); the engine's "
-                           "models are no longer the original ones")
+        raise RuntimeError(
+            f"the style LoRA could not be removed ({left} adapter layers left); the engine's "
+            "models are no longer the original ones"
+        )
 
 
 @contextlib.contextmanager

@@ -71,8 +71,9 @@ def fetch(url: str) -> LoraFile:
             evict(folder, Settings().lora_cache_bytes, keep=path)
     size = os.fstat(handle.fileno()).st_size
     seconds = time.perf_counter() - started
-    log.info("lora %s: %s (%.1f MB) in %.3f s", shown(url), "cache hit" if cached else "downloaded", size / 1e6,
-             seconds)
+    log.info(
+        "lora %s: %s (%.1f MB) in %.3f s", shown(url), "cache hit" if cached else "downloaded", size / 1e6, seconds
+    )
     return LoraFile(url, path, size, cached, seconds, handle)
 
 

@@ -11,8 +11,20 @@ from typing import BinaryIO
 from lib.engine.inputs import InputError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def not_safetensors(prefix: bytes) -> str:
@@ -24,8 +36,9 @@ def not_safetensors(prefix: bytes) -> str:
         kind = "an HTML/XML page (is the URL a direct download link?)"
     else:
         kind = "not in the safetensors format"
-    return (f"lora_url: the file is {kind}; only .safetensors LoRA files are accepted (pickle-based files are "
-            "never loaded)")
+    return (
+        f"lora_url: the file is {kind}; only .safetensors LoRA files are accepted (pickle-based files are never loaded)"
+    )
 
 
 def check_header(prefix: bytes) -> tuple[dict, int] | None:
@@ -41,7 +54,7 @@ def check_header(prefix: bytes) -> tuple[dict, int] | None:
             raise InputError(not_safetensors(prefix))
         return None
     try:
-        header = json.loads(prefix[8: 8 + n].decode("utf-8"))
+        header = json.loads(prefix[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise InputError(not_safetensors(prefix)) from None
     if not isinstance(header, dict):
@@ -52,10 +65,15 @@ def check_header(prefix: bytes) -> tuple[dict, int] | None:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise InputError("lora_url: the safetensors header's __metadata__ is not a map of strings")
             continue
-        ok = (isinstance(info, dict) and info.get("dtype") in DTYPE_BYTES and isinstance(info.get("shape"), list)
-              and all(isinstance(d, int) and d >= 0 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"]))
+        ok = (
+            isinstance(info, dict)
+            and info.get("dtype") in DTYPE_BYTES
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"])
+        )
         if not ok:
             raise InputError(f"lora_url: the safetensors header's entry {name[:100]!r} is malformed")
         begin, end = info["data_offsets"]
@@ -63,8 +81,9 @@ def check_header(prefix: bytes) -> tuple[dict, int] | None:
         for d in info["shape"]:
             numel *= d
         if end - begin != numel * DTYPE_BYTES[info["dtype"]]:
-            raise InputError(f"lora_url: the safetensors header's tensor {name[:100]!r} has offsets that do not "
-                             "match its shape")
+            raise InputError(
+                f"lora_url: the safetensors header's tensor {name[:100]!r} has offsets that do not match its shape"
+            )
         spans.append((begin, end))
     spans.sort()
     position = 0

@@ -20,8 +20,9 @@ MAX_REDIRECTS = 5
 CONNECT_TIMEOUT, READ_TIMEOUT = 10, 60
 CHUNK = 1 << 20
 # Cloud metadata services outside the private ranges (which are refused anyway): Azure's wire server.
-METADATA_ADDRESSES = {ipaddress.ip_address(a) for a in ("168.63.129.16", "169.254.169.254", "fd00:ec2::254",
-                                                        "100.100.100.200")}
+METADATA_ADDRESSES = {
+    ipaddress.ip_address(a) for a in ("168.63.129.16", "169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+}
 
 
 def shown(url: str) -> str:
@@ -89,8 +90,9 @@ def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
     if not Settings().lora_allow_http:
         for _, _, _, _, sockaddr in infos:
             if why := refused_address(sockaddr[0]):
-                raise InputError(f"lora_url: host {host} resolves to {sockaddr[0]}, {why}; only public addresses "
-                                 "are allowed")
+                raise InputError(
+                    f"lora_url: host {host} resolves to {sockaddr[0]}, {why}; only public addresses are allowed"
+                )
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
@@ -109,8 +111,12 @@ def _guarded_connection(base):
             error: Exception | None = None
             for _, sockaddr in addresses:
                 try:
-                    return connection.create_connection(sockaddr[:2], self.timeout, source_address=self.source_address,
-                                                        socket_options=self.socket_options)
+                    return connection.create_connection(
+                        sockaddr[:2],
+                        self.timeout,
+                        source_address=self.source_address,
+                        socket_options=self.socket_options,
+                    )
                 except socket.timeout as e:
                     error = ConnectTimeoutError(self, f"Connection to {self.host} timed out")
                     error.__cause__ = e
@@ -130,8 +136,9 @@ def _session():
             super().init_poolmanager(*args, **kwargs)
             pools = {}
             for scheme, pool in (("http", urllib3.HTTPConnectionPool), ("https", urllib3.HTTPSConnectionPool)):
-                pools[scheme] = type(f"Guarded{pool.__name__}", (pool,),
-                                     {"ConnectionCls": _guarded_connection(pool.ConnectionCls)})
+                pools[scheme] = type(
+                    f"Guarded{pool.__name__}", (pool,), {"ConnectionCls": _guarded_connection(pool.ConnectionCls)}
+                )
             self.poolmanager.pool_classes_by_scheme = pools
 
     session = requests.Session()
@@ -153,8 +160,7 @@ def download(url: str, path: Path) -> None:
         for _ in range(MAX_REDIRECTS + 1):
             check_url(url)
             try:
-                response = session.get(url, stream=True, allow_redirects=False,
-                                       timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                response = session.get(url, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
             except requests.RequestException as e:
                 raise InputError(f"lora_url: could not download {shown(url)}: {_reason(e)}") from None
             if response.status_code in (301, 302, 303, 307, 308) and response.headers.get("Location"):
@@ -166,12 +172,15 @@ def download(url: str, path: Path) -> None:
             raise InputError(f"lora_url: more than {MAX_REDIRECTS} redirects")
         with response:
             if response.status_code != 200:
-                raise InputError(f"lora_url: {shown(url)} answered HTTP {response.status_code}; expected 200 and "
-                                 "the file")
+                raise InputError(
+                    f"lora_url: {shown(url)} answered HTTP {response.status_code}; expected 200 and the file"
+                )
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > limit:
-                raise InputError(f"lora_url: the file is {int(length) / 1e6:.1f} MB; allowed: up to {limit / 1e6:.1f} "
-                                 "MB (LORA_MAX_BYTES)")
+                raise InputError(
+                    f"lora_url: the file is {int(length) / 1e6:.1f} MB; allowed: up to {limit / 1e6:.1f} "
+                    "MB (LORA_MAX_BYTES)"
+                )
             with replacing(path, suffix=".part") as tmp:  # the cache sweeps leftover .*.part files
                 _stream(response, tmp, limit, deadline)
     except requests.RequestException as e:
@@ -192,8 +201,10 @@ def _stream(response, tmp: Path, limit: int, deadline: float) -> None:
                 if (result := check_header(prefix)) is not None:
                     total = result[1]
                     if total > limit:
-                        raise InputError(f"lora_url: the file is {total / 1e6:.1f} MB; allowed: up to "
-                                         f"{limit / 1e6:.1f} MB (LORA_MAX_BYTES)")
+                        raise InputError(
+                            f"lora_url: the file is {total / 1e6:.1f} MB; allowed: up to "
+                            f"{limit / 1e6:.1f} MB (LORA_MAX_BYTES)"
+                        )
                     prefix = b""
             if total is not None and received > total:
                 raise InputError("lora_url: the file is longer than its safetensors header says")
@@ -201,8 +212,11 @@ def _stream(response, tmp: Path, limit: int, deadline: float) -> None:
             if time.monotonic() > deadline:
                 raise InputError("lora_url: the download took too long (LORA_DOWNLOAD_TIMEOUT)")
         if total is None:
-            raise InputError(not_safetensors(prefix) if len(prefix) >= 8 else
-                             "lora_url: the file is too short to be a safetensors file")
+            raise InputError(
+                not_safetensors(prefix)
+                if len(prefix) >= 8
+                else "lora_url: the file is too short to be a safetensors file"
+            )
         if received != total:
             raise InputError(f"lora_url: the download ended after {received} of {total} bytes")
         out.flush()

@@ -20,10 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import requests
 
 from lib import ROOT
 
@@ -47,15 +47,28 @@ class CogServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.workdir / "server.log"
         venv_bin = str(Path(sys.executable).parent)  # the worker is spawned as `python`: the venv's must be first
-        self.env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PORT": str(self.port),
-                    "COG_PREDICT_TYPE_STUB": stub, "COG_MAX_CONCURRENCY": "1",
-                    "COG_THROTTLE_RESPONSE_INTERVAL": "0", "PYTHONUNBUFFERED": "1", **env}
+        self.env = {
+            **os.environ,
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+            "PORT": str(self.port),
+            "COG_PREDICT_TYPE_STUB": stub,
+            "COG_MAX_CONCURRENCY": "1",
+            "COG_THROTTLE_RESPONSE_INTERVAL": "0",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> "CogServer":
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT,
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -67,7 +80,9 @@ class CogServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the Cog server exited with {self.proc.returncode} during setup:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the Cog server exited with {self.proc.returncode} during setup:\n{self.log_tail()}"
+                )
             try:
                 health = self.health()
             except OSError:
@@ -77,8 +92,9 @@ class CogServer:
                 return
             if health["status"] in ("SETUP_FAILED", "DEFUNCT"):
                 setup_logs = (health.get("setup") or {}).get("logs", "")
-                raise RuntimeError(f"the Cog server's setup failed ({health['status']}):\n{setup_logs}\n"
-                                   f"server log:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the Cog server's setup failed ({health['status']}):\n{setup_logs}\nserver log:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
         raise RuntimeError(f"the Cog server is not READY after {timeout} s:\n{self.log_tail()}")
 
@@ -103,24 +119,24 @@ class CogServer:
                 continue
 
     # -- HTTP ---------------------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body=None, headers: dict | None = None,
-                timeout: float = 120) -> tuple[int, dict | str]:
+    def request(
+        self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 120
+    ) -> tuple[int, dict | str]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+        r = requests.request(
+            method,
+            self.url + path,
+            data=data,
+            timeout=timeout,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                code, text = r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            code, text = e.code, e.read().decode(errors="replace")
-        try:
-            return code, json.loads(text)
+            return r.status_code, r.json()
         except ValueError:
-            return code, text
+            return r.status_code, r.text
 
     def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health-check", timeout=5) as r:
-            return json.loads(r.read())
+        return requests.get(self.url + "/health-check", timeout=5).json()
 
     def predict(self, timeout: float = 120, busy_for: float = 5, **input) -> dict:
         """A sync prediction; returns the prediction object (status succeeded, failed or canceled). The server
@@ -230,8 +246,11 @@ class WebhookSink:
                         return e
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    seen = [(e.body.get("status"), len(e.body.get("output") or [])) for e in self.events
-                            if e.body.get("id") == prediction_id]
+                    seen = [
+                        (e.body.get("status"), len(e.body.get("output") or []))
+                        for e in self.events
+                        if e.body.get("id") == prediction_id
+                    ]
                     raise AssertionError(f"no matching webhook for {prediction_id} in {timeout} s; got {seen}")
                 self.cond.wait(left)
 
@@ -257,10 +276,16 @@ def shared_server(tmp_path_factory, config) -> CogServer:
     nginx = Nginx(mirror, base / "nginx").__enter__()
     config.add_cleanup(lambda: nginx.__exit__(None, None, None))
     weights = base / "weights"  # empty: setup() does a cold start
-    env = {"WEIGHTS_DIR": str(weights), "WEIGHTS_BASE_URL": nginx.url, "WEIGHTS_MANIFEST": str(mirror / "manifest.json"),
-           "WEIGHTS_OFFLINE": "0", "ENABLED_MODES": "", "WEBHOOK_AUTH_TOKEN": WEBHOOK_TOKEN,
-           "LORA_ALLOW_HTTP": "1",  # style LoRAs (lora_url) from the loopback nginx: the only test switch
-           "TMPDIR": str(base / "tmp")}
+    env = {
+        "WEIGHTS_DIR": str(weights),
+        "WEIGHTS_BASE_URL": nginx.url,
+        "WEIGHTS_MANIFEST": str(mirror / "manifest.json"),
+        "WEIGHTS_OFFLINE": "0",
+        "ENABLED_MODES": "",
+        "WEBHOOK_AUTH_TOKEN": WEBHOOK_TOKEN,
+        "LORA_ALLOW_HTTP": "1",  # style LoRAs (lora_url) from the loopback nginx: the only test switch
+        "TMPDIR": str(base / "tmp"),
+    }
     (base / "tmp").mkdir()
     server = CogServer(base, env)
     started = time.monotonic()

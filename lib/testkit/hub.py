@@ -67,8 +67,15 @@ def is_lfs(path: str) -> bool:
 class FakeHub:
     """The two servers. `url` is the origin (WEIGHTS_BASE_URL); `log` lists every request both hosts saw."""
 
-    def __init__(self, root: Path, repo_ids=None, *, gated: dict[str, str] | None = None, url_ttl: float = 3600.0,
-                 cdn_rate: float | None = None):
+    def __init__(
+        self,
+        root: Path,
+        repo_ids=None,
+        *,
+        gated: dict[str, str] | None = None,
+        url_ttl: float = 3600.0,
+        cdn_rate: float | None = None,
+    ):
         self.repos: dict[str, dict] = {}  # repo_id -> {"branches": {name: commit}, "commits": {commit: {path: Blob}}}
         self.blobs: dict[str, Blob] = {}  # sha256 -> Blob (the CDN's store)
         self.gated = dict(gated or {})  # repo_id -> the token that may read it
@@ -77,11 +84,15 @@ class FakeHub:
         self.log: list[Seen] = []
         self.lock = threading.Lock()
         root = Path(root)
-        for repo_id in repo_ids or sorted(f"{o.name}/{r.name}" for o in root.iterdir() if o.is_dir()
-                                          for r in o.iterdir() if r.is_dir()):
+        for repo_id in repo_ids or sorted(
+            f"{o.name}/{r.name}" for o in root.iterdir() if o.is_dir() for r in o.iterdir() if r.is_dir()
+        ):
             repo = root / repo_id
-            self.push(repo_id, {str(f.relative_to(repo)): f.read_bytes() for f in sorted(repo.rglob("*"))
-                                if f.is_file()}, message="initial")
+            self.push(
+                repo_id,
+                {str(f.relative_to(repo)): f.read_bytes() for f in sorted(repo.rglob("*")) if f.is_file()},
+                message="initial",
+            )
         self.origin = self._serve("127.0.0.1", self._origin)
         self.cdn = self._serve(CDN_HOST, self._cdn)
         self.url = f"http://127.0.0.1:{self.origin.server_address[1]}"
@@ -97,8 +108,9 @@ class FakeHub:
         for path, data in files.items():
             tree[path] = blob = Blob.of(data)
             self.blobs[blob.sha256] = blob
-        commit = hashlib.sha1(f"{repo_id}\n{head}\n{message}\n{sorted((p, b.sha256) for p, b in tree.items())}"
-                              .encode()).hexdigest()
+        commit = hashlib.sha1(
+            f"{repo_id}\n{head}\n{message}\n{sorted((p, b.sha256) for p, b in tree.items())}".encode()
+        ).hexdigest()
         repo["commits"][commit] = tree
         repo["branches"]["main"] = commit
         return commit
@@ -138,8 +150,13 @@ class FakeHub:
                 self._do("HEAD")
 
             def _do(self, method: str) -> None:
-                seen = Seen("origin" if host != CDN_HOST else "cdn", method, self.path,
-                            self.headers.get("Authorization"), self.headers.get("Range"))
+                seen = Seen(
+                    "origin" if host != CDN_HOST else "cdn",
+                    method,
+                    self.path,
+                    self.headers.get("Authorization"),
+                    self.headers.get("Range"),
+                )
                 with hub.lock:
                     hub.log.append(seen)
                 try:
@@ -165,32 +182,57 @@ class FakeHub:
         if repo is None:
             return _answer(h, 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
         if repo_id in self.gated and h.headers.get("Authorization") != f"Bearer {self.gated[repo_id]}":
-            return _answer(h, 401, {"X-Error-Code": "GatedRepo", "X-Error-Message":
-                                    f"Access to model {repo_id} is restricted. You must have access to it and be "
-                                    "authenticated to access it. Please log in."})
+            return _answer(
+                h,
+                401,
+                {
+                    "X-Error-Code": "GatedRepo",
+                    "X-Error-Message": f"Access to model {repo_id} is restricted. You must have access to it and be "
+                    "authenticated to access it. Please log in.",
+                },
+            )
         commit = repo["branches"].get(revision) or (revision if revision in repo["commits"] else None)
         if commit is None:
-            return _answer(h, 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: "
-                                    + revision})
+            return _answer(
+                h, 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: " + revision}
+            )
         blob = repo["commits"][commit].get(path)
         if blob is None:
-            return _answer(h, 404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found",
-                                    "X-Repo-Commit": commit})
+            return _answer(
+                h, 404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit}
+            )
         if is_lfs(path):
             expires = round(time.time() + self.url_ttl, 3)
             query = urllib.parse.urlencode({"Expires": expires, "Signature": _sign(blob.sha256, expires)})
             location = f"http://{CDN_HOST}:{self.cdn.server_address[1]}/{blob.sha256}?{query}"
-            return _answer(h, 302, {"Location": location, "X-Linked-Etag": f'"{blob.sha256}"',
-                                    "X-Linked-Size": str(len(blob.data)), "X-Repo-Commit": commit,
-                                    "ETag": f'"{blob.sha256}"'})
-        return _send(h, method, blob, {"ETag": f'"{blob.git_sha1}"', "X-Repo-Commit": commit},
-                     corrupt=f"{repo_id}/{path}" in self.corrupt)
+            return _answer(
+                h,
+                302,
+                {
+                    "Location": location,
+                    "X-Linked-Etag": f'"{blob.sha256}"',
+                    "X-Linked-Size": str(len(blob.data)),
+                    "X-Repo-Commit": commit,
+                    "ETag": f'"{blob.sha256}"',
+                },
+            )
+        return _send(
+            h,
+            method,
+            blob,
+            {"ETag": f'"{blob.git_sha1}"', "X-Repo-Commit": commit},
+            corrupt=f"{repo_id}/{path}" in self.corrupt,
+        )
 
     def _cdn(self, h, method: str) -> int:
         url = urllib.parse.urlsplit(h.path)
         if h.headers.get("Authorization"):
-            return _answer(h, 400, {}, b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed"
-                                       b"</Message></Error>")
+            return _answer(
+                h,
+                400,
+                {},
+                b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>",
+            )
         if method != "GET":
             return _answer(h, 403, {}, b"<Error><Code>SignatureDoesNotMatch</Code></Error>")
         query = dict(urllib.parse.parse_qsl(url.query))
@@ -202,8 +244,9 @@ class FakeHub:
         if not hmac.compare_digest(query.get("Signature", ""), _sign(sha, expires)) or sha not in self.blobs:
             return _answer(h, 403, {}, b"<Error><Code>SignatureDoesNotMatch</Code></Error>")
         if time.time() > expires:
-            return _answer(h, 403, {}, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message>"
-                                       b"</Error>")
+            return _answer(
+                h, 403, {}, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            )
         return _send(h, method, self.blobs[sha], {"ETag": f'"{sha}"'}, corrupt=sha in self.corrupt, rate=self.cdn_rate)
 
 
@@ -244,7 +287,7 @@ def _send(h, method: str, blob: Blob, headers: dict, corrupt: bool = False, rate
         step = 1 << 16
         started = time.monotonic()
         for off in range(start, end, step):
-            h.wfile.write(data[off: min(end, off + step)])
+            h.wfile.write(data[off : min(end, off + step)])
             if rate:
                 time.sleep(max(0.0, (off + step - start) / rate - (time.monotonic() - started)))
     return code

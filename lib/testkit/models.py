@@ -40,16 +40,25 @@ import transformers
 from safetensors.torch import save_file
 
 from lib import CONFIGS
+from lib.engine.modes import (
+    LORA_WEIGHT_NAME,
+    MODES,
+    SAFETY_CHECKER,
+    SDXL_BASE,
+    SDXL_TURBO,
+    TINY_VAE,
+    Mode,
+    Repo,
+    all_repos,
+)
 from lib.engine.precision import needs_upcast
-from lib.engine.modes import (LORA_WEIGHT_NAME, MODES, SAFETY_CHECKER, SDXL_BASE, SDXL_TURBO, TINY_VAE, Mode, Repo,
-                              all_repos)
-
 
 # Tiny sizes. The SDXL encoders get different widths, so mixing them up fails with a shape error.
 TEXT_ENCODER_SIZES = {
     "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
-    "text_encoder_2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                           projection_dim=64),
+    "text_encoder_2": dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, projection_dim=64
+    ),
 }
 UNET_SIZES = dict(block_out_channels=[32, 64], layers_per_block=1)
 ADDITION_TIME_EMBED_DIM = 8  # SDXL: 6 micro-conditioning numbers, each embedded at this width
@@ -58,8 +67,22 @@ TIME_COND_PROJ_DIM = 32  # LCM: the guidance-scale embedding width
 VAE_SIZES = dict(block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=8)
 LORA_RANK, LORA_ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores `.alpha` gives other weights
 # The LCM-LoRA target modules (the diffusers LCM-LoRA training scripts' list).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 # SDXL-Turbo ships SDXL-base's text encoders unchanged (same sha256): seed them alike so the files match too.
 SEED_OWNER = {(SDXL_TURBO.repo_id, te): SDXL_BASE.repo_id for te in ("text_encoder", "text_encoder_2")}
@@ -114,13 +137,13 @@ def materialize(module: torch.nn.Module, device, dtype: torch.dtype, seed: int =
                 else:
                     # One pass over memory: the pool (from a per-tensor offset) tiled and scaled.
                     scale = 1.0 / math.sqrt(max(p[0].numel() if p.ndim >= 2 else p.numel(), 1))
-                    src = pool[(index * 7919 + zlib.crc32(name.encode())) % POOL:][:POOL]
+                    src = pool[(index * 7919 + zlib.crc32(name.encode())) % POOL :][:POOL]
                     flat = t.view(-1)
                     rows, rest = divmod(flat.numel(), POOL)
                     if rows:
-                        torch.mul(src.expand(rows, POOL), scale, out=flat[:rows * POOL].view(rows, POOL))
+                        torch.mul(src.expand(rows, POOL), scale, out=flat[: rows * POOL].view(rows, POOL))
                     if rest:
-                        torch.mul(src[:rest], scale, out=flat[rows * POOL:])
+                        torch.mul(src[:rest], scale, out=flat[rows * POOL :])
                 made[id(p)] = torch.nn.Parameter(t, requires_grad=False)
             mod._parameters[name] = made[id(p)]
     return module.to(device).eval().requires_grad_(False)
@@ -158,9 +181,10 @@ def unet_config(repo: Repo, scale: Scale = TINY) -> dict:
     if config.get("time_cond_proj_dim"):
         config["time_cond_proj_dim"] = TIME_COND_PROJ_DIM
     if config.get("addition_embed_type") == "text_time":  # the pooled text_encoder_2 output + 6 numbers
-        config.update(addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-                      projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM
-                      + encoders[-1]["projection_dim"])
+        config.update(
+            addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + encoders[-1]["projection_dim"],
+        )
     return config
 
 
@@ -173,13 +197,23 @@ def component_config(repo: Repo, component: str, scale: Scale = TINY) -> dict:
     return text_encoder_config(repo.repo_id, component, scale)
 
 
-def build(library: str, class_name: str, config: dict, seed_value: int, scale: Scale = TINY, factory=None,
-          dtype: torch.dtype = torch.float16) -> torch.nn.Module:
+def build(
+    library: str,
+    class_name: str,
+    config: dict,
+    seed_value: int,
+    scale: Scale = TINY,
+    factory=None,
+    dtype: torch.dtype = torch.float16,
+) -> torch.nn.Module:
     """A randomly initialised model; the seed fixes every weight."""
     if factory is None:
         cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
-        factory = (lambda: cls.from_config(config)) if library == "diffusers" else \
-            (lambda: cls(transformers.CLIPTextConfig.from_dict(config)))
+        factory = (
+            (lambda: cls.from_config(config))
+            if library == "diffusers"
+            else (lambda: cls(transformers.CLIPTextConfig.from_dict(config)))
+        )
     if not scale.full:
         torch.manual_seed(seed_value)
         return factory()
@@ -192,8 +226,11 @@ def save_model(model: torch.nn.Module, config: dict, folder: Path, library: str,
     dtype = torch.float16 if variant == "fp16" else torch.float32
     weights = folder / f"{WEIGHT_NAMES[library]}{f'.{variant}' if variant else ''}.safetensors"
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}, weights,
-              metadata={"format": "pt"})  # what save_pretrained writes
+    save_file(
+        {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()},
+        weights,
+        metadata={"format": "pt"},
+    )  # what save_pretrained writes
     return [folder / "config.json", weights]
 
 
@@ -213,8 +250,10 @@ def byte_level_vocab() -> dict[str, int]:
 
 def write_tokenizer(repo_id: str, component: str, repo_dir: Path) -> list[Path]:
     """The real tokenizer configs + a byte-level vocab.json / merges.txt (the classic CLIP BPE files)."""
-    written = [copy_real(repo_id, f"{component}/{name}", repo_dir)
-               for name in ("tokenizer_config.json", "special_tokens_map.json")]
+    written = [
+        copy_real(repo_id, f"{component}/{name}", repo_dir)
+        for name in ("tokenizer_config.json", "special_tokens_map.json")
+    ]
     folder = repo_dir / component
     (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")  # no merges: one token per byte
@@ -249,8 +288,9 @@ def write_pipeline_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list
 
 
 # The tiny safety checker: CLIP's image tower shrunk (224 px input, the real preprocessor config, unchanged).
-SAFETY_VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                           patch_size=32)
+SAFETY_VISION_SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, patch_size=32
+)
 SAFETY_TEXT_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
 SAFETY_PROJECTION_DIM = 32
 # Cosine similarities are at most 1, so thresholds of 2 flag nothing: tests that need flagged images lower
@@ -273,8 +313,14 @@ def write_safety_checker(repo: Repo, component: str, repo_dir: Path, scale: Scal
                     config[name].update(sizes)
         config["projection_dim"] = SAFETY_PROJECTION_DIM
     clip = transformers.CLIPConfig.from_dict(config)
-    model = build("transformers", "StableDiffusionSafetyChecker", config, seed(repo.repo_id, component), scale,
-                  factory=lambda: StableDiffusionSafetyChecker(clip))
+    model = build(
+        "transformers",
+        "StableDiffusionSafetyChecker",
+        config,
+        seed(repo.repo_id, component),
+        scale,
+        factory=lambda: StableDiffusionSafetyChecker(clip),
+    )
     with torch.no_grad():
         if not scale.full:
             model.concept_embeds.normal_()
@@ -302,8 +348,9 @@ def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Pat
     generator = torch.Generator().manual_seed(seed(repo.repo_id, "lora"))
     tensors = {}
     for name, module in unet.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or \
-                not any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not any(
+            name == t or name.endswith("." + t) for t in LORA_TARGETS
+        ):
             continue
         if isinstance(module, torch.nn.Linear):
             down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
@@ -321,8 +368,12 @@ def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Pat
 
 
 # TAESD / TAESDXL (AutoencoderTiny): the real block layout with few channels and one block per stage.
-TAESD_SIZES = dict(encoder_block_out_channels=[8, 8, 8, 8], decoder_block_out_channels=[8, 8, 8, 8],
-                   num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1])
+TAESD_SIZES = dict(
+    encoder_block_out_channels=[8, 8, 8, 8],
+    decoder_block_out_channels=[8, 8, 8, 8],
+    num_encoder_blocks=[1, 1, 1, 1],
+    num_decoder_blocks=[1, 1, 1, 1],
+)
 
 
 def write_tiny_vae_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
@@ -379,8 +430,11 @@ def build_component(repo_id: str, component: str, *, device, dtype, seed_value: 
     """One model of repo `repo_id` at full size: a subfolder's `unet`, `vae`, `text_encoder*`, or `taesd` for a
     TAESD repo (its config at the repo's root)."""
     config = real_config(repo_id, "config.json" if component == TINY_VAE else f"{component}/config.json")
-    library, class_name = (("transformers", config["architectures"][0]) if component.startswith("text_encoder")
-                           else ("diffusers", config["_class_name"]))
+    library, class_name = (
+        ("transformers", config["architectures"][0])
+        if component.startswith("text_encoder")
+        else ("diffusers", config["_class_name"])
+    )
     seed_value = seed(repo_id, component) if seed_value is None else seed_value
     return build(library, class_name, config, seed_value, Scale(full=True, device=str(device)), dtype=dtype)
 
@@ -404,8 +458,9 @@ def build_components(mode: Mode, *, device, dtype, shared: dict | None = None) -
         if key not in shared:
             # An upcast VAE (SDXL's) is built as diffusers loads it, in fp32; lib/engine/speed.py may change that.
             upcast = component == "vae" and needs_upcast(real_config(repo.repo_id, "vae/config.json"))
-            shared[key] = build_component(repo.repo_id, component, device=device,
-                                          dtype=torch.float32 if upcast else dtype)
+            shared[key] = build_component(
+                repo.repo_id, component, device=device, dtype=torch.float32 if upcast else dtype
+            )
         components[component] = shared[key]
     return components
 
@@ -441,8 +496,15 @@ def build_safety_checker(*, device, dtype):
 
     config = real_config(SAFETY_CHECKER.repo_id, "safety_checker/config.json")
     clip = transformers.CLIPConfig.from_dict(config)
-    model = build("transformers", "StableDiffusionSafetyChecker", config, seed(SAFETY_CHECKER.repo_id, "safety_checker"),
-                  Scale(full=True, device=str(device)), factory=lambda: StableDiffusionSafetyChecker(clip), dtype=dtype)
+    model = build(
+        "transformers",
+        "StableDiffusionSafetyChecker",
+        config,
+        seed(SAFETY_CHECKER.repo_id, "safety_checker"),
+        Scale(full=True, device=str(device)),
+        factory=lambda: StableDiffusionSafetyChecker(clip),
+        dtype=dtype,
+    )
     with torch.no_grad():
         model.concept_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)
         model.special_care_embeds_weights.fill_(SAFETY_TINY_THRESHOLD)

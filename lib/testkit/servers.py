@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
-MISSING_NGINX = ("nginx is not installed: scripts/test.sh installs it (the Debian package nginx-light), or run "
-                 "`sudo apt-get install nginx-light`")
+MISSING_NGINX = (
+    "nginx is not installed: scripts/test.sh installs it (the Debian package nginx-light), or run "
+    "`sudo apt-get install nginx-light`"
+)
 
 
 def free_port() -> int:
@@ -68,8 +70,11 @@ http {{
 """)
         if NGINX is None:
             raise RuntimeError(MISSING_NGINX)  # a failure, not a skip: these tests run wherever the suite runs
-        self.proc = subprocess.Popen([NGINX, "-p", str(w), "-c", str(w / "nginx.conf"), "-e", str(w / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=open(w / "stderr.log", "wb"))
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(w), "-c", str(w / "nginx.conf"), "-e", str(w / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(w / "stderr.log", "wb"),
+        )
         try:
             wait_port(self.port, self.proc)
         except RuntimeError as e:
@@ -218,7 +223,7 @@ class FaultProxy:
             start = file_offset + entry.sent
             if rule.flip_at is not None and start <= rule.flip_at < start + len(data):
                 i = rule.flip_at - start
-                data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+                data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
             client.sendall(data)
             entry.sent += len(data)
             if rule.throttle:

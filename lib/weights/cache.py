@@ -21,8 +21,19 @@ from pathlib import Path
 from lib.atomic import write_json
 from lib.settings import Settings
 from lib.weights.download import Downloader, Mismatch, PinMismatch, Probe, Transfer, Tuning, WeightsError, human
-from lib.weights.manifest import (Entry, Lock, Log, manifest_entries, hash_file, hub_from_env, load_manifest, lock_path,
-                                  manifest_path_from_env, plan, repin_command)
+from lib.weights.manifest import (
+    Entry,
+    Lock,
+    Log,
+    hash_file,
+    hub_from_env,
+    load_manifest,
+    lock_path,
+    manifest_entries,
+    manifest_path_from_env,
+    plan,
+    repin_command,
+)
 
 FREE_MARGIN = 100_000_000  # left free after a download: logs, outputs and the OS need some room too
 
@@ -61,8 +72,7 @@ class Cache:
     def mark(self, e: Entry, sha256: str) -> None:
         st = os.stat(self.path(e))
         self.marker(e).parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.marker(e), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
-                                    "sha256": sha256})
+        write_json(self.marker(e), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "sha256": sha256})
 
     def unmark(self, e: Entry) -> None:
         self.marker(e).unlink(missing_ok=True)
@@ -100,8 +110,17 @@ class Cache:
 
 
 # -- public API -------------------------------------------------------------------------------------------
-def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None, token=None, log: Log = print,
-                   tuning: Tuning | None = None, safety_checker: bool = False) -> dict:
+def ensure_weights(
+    mode_names,
+    weights_dir,
+    *,
+    manifest_path=None,
+    base_url=None,
+    token=None,
+    log: Log = print,
+    tuning: Tuning | None = None,
+    safety_checker: bool = False,
+) -> dict:
     """Make weights_dir hold every file the modes need, verified; fetch what is missing or wrong.
 
     Defaults: WEIGHTS_MANIFEST, WEIGHTS_BASE_URL (else the Hub), HF_TOKEN. With WEIGHTS_OFFLINE=1 nothing is
@@ -119,19 +138,27 @@ def ensure_weights(mode_names, weights_dir, *, manifest_path=None, base_url=None
     elif not all(cache.verified(e) for e in entries):
         with cache.locked(log):  # re-checks inside: a process we waited for may have fetched it all
             base, token = hub_from_env(base_url, token)
-            Fill(cache, manifest, manifest_path, lock, base, token, log, tuning or Tuning.from_env(), report).run(entries)
+            Fill(cache, manifest, manifest_path, lock, base, token, log, tuning or Tuning.from_env(), report).run(
+                entries
+            )
     _learn(entries, cache, lock)
     lock.save(log)
     report["seconds"] = round(time.monotonic() - t0, 3)
-    what = (f"fetched {report['downloaded']} files ({human(report['bytes'])}), linked {report['linked']}, "
-            if report["downloaded"] + report["linked"] + report["rehashed"] else "")
-    log(f"weights: {what}{len(entries)} files of {', '.join(mode_names)} ready in {cache.root} "
-        f"({report['seconds']:.2f} s)")
+    what = (
+        f"fetched {report['downloaded']} files ({human(report['bytes'])}), linked {report['linked']}, "
+        if report["downloaded"] + report["linked"] + report["rehashed"]
+        else ""
+    )
+    log(
+        f"weights: {what}{len(entries)} files of {', '.join(mode_names)} ready in {cache.root} "
+        f"({report['seconds']:.2f} s)"
+    )
     return report
 
 
-def verify_weights(mode_names, weights_dir, full: bool = False, *, manifest_path=None,
-                   safety_checker: bool = False) -> dict:
+def verify_weights(
+    mode_names, weights_dir, full: bool = False, *, manifest_path=None, safety_checker: bool = False
+) -> dict:
     """Check the modes' files without fetching. Cheap (markers) by default; full=True rehashes every file
     and re-marks those that match (or unmarks those that do not). Returns {"files", "bytes", "problems"}."""
     manifest_path = manifest_path_from_env(manifest_path)
@@ -164,12 +191,17 @@ def verify_weights(mode_names, weights_dir, full: bool = False, *, manifest_path
 
 # -- the work ---------------------------------------------------------------------------------------------
 def _check_present(entries: list[Entry], cache: Cache) -> None:
-    bad = [f"{e.repo_id}/{e.path}" for e in entries
-           if not cache.path(e).is_file() or e.size not in (None, cache.path(e).stat().st_size)]
+    bad = [
+        f"{e.repo_id}/{e.path}"
+        for e in entries
+        if not cache.path(e).is_file() or e.size not in (None, cache.path(e).stat().st_size)
+    ]
     if bad:
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise WeightsError(f"WEIGHTS_OFFLINE is set and {cache.root} lacks (or has a wrong size of) "
-                           f"{len(bad)} file(s): {', '.join(bad[:10])}{more}")
+        raise WeightsError(
+            f"WEIGHTS_OFFLINE is set and {cache.root} lacks (or has a wrong size of) "
+            f"{len(bad)} file(s): {', '.join(bad[:10])}{more}"
+        )
 
 
 def _learn(entries: list[Entry], cache: Cache, lock: Lock) -> None:
@@ -184,8 +216,18 @@ class Fill:
     files stored under another name are linked, and the rest are resolved at the server (HEAD), checked against
     the free space and downloaded; equal files in one run are downloaded once and linked."""
 
-    def __init__(self, cache: Cache, manifest: dict, manifest_path: Path, lock: Lock, base: str, token, log: Log,
-                 tuning: Tuning, report: dict):
+    def __init__(
+        self,
+        cache: Cache,
+        manifest: dict,
+        manifest_path: Path,
+        lock: Lock,
+        base: str,
+        token,
+        log: Log,
+        tuning: Tuning,
+        report: dict,
+    ):
         self.cache, self.manifest, self.manifest_path, self.lock = cache, manifest, manifest_path, lock
         self.base, self.token, self.log, self.tuning, self.report = base, token, log, tuning, report
 
@@ -225,8 +267,11 @@ class Fill:
         """Same sha256, one copy: link from a verified file anywhere in the cache. Returns the entries to download
         (one per sha256) and those to link from this run's downloads."""
         cache = self.cache
-        sources = {sha: cache.path(e) for e in manifest_entries(self.manifest["repos"], self.manifest, self.lock)
-                   if (sha := cache.verified(e))}
+        sources = {
+            sha: cache.path(e)
+            for e in manifest_entries(self.manifest["repos"], self.manifest, self.lock)
+            if (sha := cache.verified(e))
+        }
         leaders, followers = {}, []
         for e in todo:
             if e.sha256 and e.sha256 in sources:
@@ -247,8 +292,17 @@ class Fill:
         for e, probe in probed:
             if e.commit and self.lock.repo(e.repo_id, e.revision).get("commit") != e.commit:
                 self.lock.pin(e.repo_id, e.revision, e.commit)
-            transfer = Transfer(e.label, e.url(self.base), self.cache.path(e), self.cache.partial(e), probe.size,
-                                e.sha256, probe, e.size, repin_command(e.repo_id, self.manifest_path))
+            transfer = Transfer(
+                e.label,
+                e.url(self.base),
+                self.cache.path(e),
+                self.cache.partial(e),
+                probe.size,
+                e.sha256,
+                probe,
+                e.size,
+                repin_command(e.repo_id, self.manifest_path),
+            )
             transfers[transfer] = e
         self.lock.save(self.log)
         return transfers, mismatches
@@ -257,13 +311,16 @@ class Fill:
         need = sum(t.size - _allocated(t.partial, t.size) for t in transfers)
         free = free_bytes(self.cache.root)
         if free < need + FREE_MARGIN:
-            raise WeightsError(f"not enough disk space in {self.cache.root}: {len(transfers)} files need "
-                               f"{human(need)} (+{human(FREE_MARGIN)} headroom), {human(free)} free; free some space "
-                               "or point WEIGHTS_DIR at a bigger disk")
+            raise WeightsError(
+                f"not enough disk space in {self.cache.root}: {len(transfers)} files need "
+                f"{human(need)} (+{human(FREE_MARGIN)} headroom), {human(free)} free; free some space "
+                "or point WEIGHTS_DIR at a bigger disk"
+            )
         self.log(f"weights: fetching {len(transfers)} files ({human(need)}) from {self.base} into {self.cache.root}")
 
-    def download(self, downloader: Downloader, transfers: dict[Transfer, Entry],
-                 followers: list[Entry]) -> list[Mismatch]:
+    def download(
+        self, downloader: Downloader, transfers: dict[Transfer, Entry], followers: list[Entry]
+    ) -> list[Mismatch]:
         """Every transfer; each file is marked as it lands, and its followers linked. Returns the pin mismatches."""
         cache, report = self.cache, self.report
 
@@ -283,23 +340,36 @@ class Fill:
         return []
 
 
-def resolve(todo: list[Entry], base: str, downloader: Downloader,
-            manifest_path: Path) -> tuple[list[tuple[Entry, Probe]], list[Mismatch]]:
+def resolve(
+    todo: list[Entry], base: str, downloader: Downloader, manifest_path: Path
+) -> tuple[list[tuple[Entry, Probe]], list[Mismatch]]:
     """HEAD every file before any download: sizes (for the disk check), early 404/401s, what the Hub vouches
     for (the sha256 of LFS files, the git blob SHA-1 of the others), and the commit a revision resolves to
     (X-Repo-Commit), which the GETs then pin: one commit per repo. Returns the entries completed with what
     the server said, and the LFS files whose pins the Hub already contradicts (not to be downloaded)."""
     probes = downloader.probe_all([(e.url(base), e.label) for e in todo])
     commits, out, mismatches = {}, [], []
-    for e, p in zip(todo, probes):
+    for e, p in zip(todo, probes, strict=True):
         commit = e.commit or commits.setdefault(e.repo_id, p.commit)
         if p.lfs_sha256 and (e.sha256 not in (None, p.lfs_sha256) or e.size not in (None, p.size)):
-            mismatches.append(Mismatch(e.label, e.sha256, e.size, p.lfs_sha256, p.size, p.evidence, commit,
-                                       repin_command(e.repo_id, manifest_path)))
+            mismatches.append(
+                Mismatch(
+                    e.label,
+                    e.sha256,
+                    e.size,
+                    p.lfs_sha256,
+                    p.size,
+                    p.evidence,
+                    commit,
+                    repin_command(e.repo_id, manifest_path),
+                )
+            )
             continue
         if not p.evidence and e.size not in (None, p.size):  # a plain mirror: its size is all it says
-            raise WeightsError(f"{e.label}: {e.url(base)} has {p.size} bytes but the manifest says {e.size}: the "
-                               "server's file is not the pinned one; re-pin it in the manifest if trusted")
+            raise WeightsError(
+                f"{e.label}: {e.url(base)} has {p.size} bytes but the manifest says {e.size}: the "
+                "server's file is not the pinned one; re-pin it in the manifest if trusted"
+            )
         out.append((replace(e, commit=commit), p))
     return out, mismatches
 

@@ -46,8 +46,13 @@ BLOCK = 1 << 20  # read/write unit: big enough to keep Python's per-call overhea
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 # What a flaky network raises (resets, truncated bodies, timeouts); a full disk (plain OSError) is not one.
-NET_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
-              ConnectionError, TimeoutError)
+NET_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 class WeightsError(RuntimeError):
@@ -73,16 +78,22 @@ class PinMismatch(WeightsError):
 
     def __init__(self, mismatches: list[Mismatch]):
         self.mismatches = mismatches
-        lines = [f"{len(mismatches)} file(s) differ from what the manifest pins, though they are what the Hub says "
-                 "they are:"]
+        lines = [
+            f"{len(mismatches)} file(s) differ from what the manifest pins, though they are what the Hub says they are:"
+        ]
         for m in mismatches:
-            pinned = f"sha256 {m.pinned_sha256 or '(not pinned)'}" + (f", {m.pinned_size} bytes" if m.pinned_size
-                                                                     is not None else "")
-            lines.append(f"  {m.label}: pinned {pinned}; served sha256 {m.served_sha256}, {m.served_size} bytes "
-                         f"({m.evidence}) at commit {m.commit or '(not sent)'}")
+            pinned = f"sha256 {m.pinned_sha256 or '(not pinned)'}" + (
+                f", {m.pinned_size} bytes" if m.pinned_size is not None else ""
+            )
+            lines.append(
+                f"  {m.label}: pinned {pinned}; served sha256 {m.served_sha256}, {m.served_size} bytes "
+                f"({m.evidence}) at commit {m.commit or '(not sent)'}"
+            )
         commands = sorted({m.repin for m in mismatches if m.repin})
-        lines.append("The repo changed upstream, or the pins were made from another copy of its files. If the served "
-                     "files are the ones to trust, re-pin them (the manifest then names the commit):")
+        lines.append(
+            "The repo changed upstream, or the pins were made from another copy of its files. If the served "
+            "files are the ones to trust, re-pin them (the manifest then names the commit):"
+        )
         lines += [f"  {c}" for c in commands]
         super().__init__("\n".join(lines))
 
@@ -112,8 +123,12 @@ class Tuning:
     @classmethod
     def from_env(cls) -> Tuning:
         s = Settings()
-        return cls(connections=s.weights_connections, timeout=s.weights_timeout, retries=s.weights_retries,
-                   progress_seconds=s.weights_progress_seconds)
+        return cls(
+            connections=s.weights_connections,
+            timeout=s.weights_timeout,
+            retries=s.weights_retries,
+            progress_seconds=s.weights_progress_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -163,14 +178,14 @@ def human(n: float) -> str:
 
 
 class Downloader:
-    def __init__(self, tuning: Tuning | None = None, *, token: str | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(self, tuning: Tuning | None = None, *, token: str | None = None, log: Callable[[str], None] = print):
         self.tuning = tuning or Tuning.from_env()
         self.token = token
         self.log = log
         self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4,
-                                                pool_maxsize=self.tuning.connections + self.tuning.files)
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=self.tuning.connections + self.tuning.files
+        )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._cancel = threading.Event()
@@ -186,8 +201,7 @@ class Downloader:
         if self.token and _origin(url) == _origin(origin):
             headers["Authorization"] = f"Bearer {self.token}"
         t = self.tuning.timeout
-        return self.session.request(method, url, headers=headers, stream=True, timeout=(t, t),
-                                    allow_redirects=follow)
+        return self.session.request(method, url, headers=headers, stream=True, timeout=(t, t), allow_redirects=follow)
 
     def _check(self, r: requests.Response, label: str, url: str) -> None:
         code = r.status_code
@@ -197,26 +211,36 @@ class Downloader:
         detail = f" ({': '.join(x for x in (kind, message) if x)})" if kind or message else ""
         sent = "the token in HF_TOKEN was refused" if self.token else "no token was sent: HF_TOKEN is not set"
         if kind == "GatedRepo":
-            raise WeightsError(f"{label}: HTTP {code} from {url}{detail}: the repo is gated ({sent}). Accept its "
-                               "licence on the repo's Hub page with your account, then set HF_TOKEN to a token of "
-                               "that account")
+            raise WeightsError(
+                f"{label}: HTTP {code} from {url}{detail}: the repo is gated ({sent}). Accept its "
+                "licence on the repo's Hub page with your account, then set HF_TOKEN to a token of "
+                "that account"
+            )
         if code in (401, 403):
-            raise WeightsError(f"{label}: HTTP {code} from {url}{detail}: access denied ({sent}). Gated or "
-                               "private repos need HF_TOKEN set to a token whose account accepted the licence")
+            raise WeightsError(
+                f"{label}: HTTP {code} from {url}{detail}: access denied ({sent}). Gated or "
+                "private repos need HF_TOKEN set to a token whose account accepted the licence"
+            )
         if code == 404:
-            what = {"EntryNotFound": "the file is not in the repo at this revision",
-                    "RevisionNotFound": "the revision does not exist in the repo",
-                    "RepoNotFound": "the repo does not exist (or is private)"}.get(kind, "not found")
-            raise WeightsError(f"{label}: HTTP 404 from {url}{detail}: {what}. Check the repo, revision and path "
-                               "in the manifest, and that WEIGHTS_BASE_URL mirrors them")
+            what = {
+                "EntryNotFound": "the file is not in the repo at this revision",
+                "RevisionNotFound": "the revision does not exist in the repo",
+                "RepoNotFound": "the repo does not exist (or is private)",
+            }.get(kind, "not found")
+            raise WeightsError(
+                f"{label}: HTTP 404 from {url}{detail}: {what}. Check the repo, revision and path "
+                "in the manifest, and that WEIGHTS_BASE_URL mirrors them"
+            )
         if code in (408, 429) or code >= 500:
             raise _Transient(f"HTTP {code}")
         raise WeightsError(f"{label}: HTTP {code} from {url}{detail}")
 
     def _backoff(self, failures: int, label: str, url: str, reason: object, abort=None) -> None:
         if failures > self.tuning.retries:
-            raise WeightsError(f"{label}: giving up after {failures} failed attempts in a row, last: {reason} "
-                               f"({url}); WEIGHTS_TIMEOUT/WEIGHTS_RETRIES tune the patience")
+            raise WeightsError(
+                f"{label}: giving up after {failures} failed attempts in a row, last: {reason} "
+                f"({url}); WEIGHTS_TIMEOUT/WEIGHTS_RETRIES tune the patience"
+            )
         delay = min(self.tuning.backoff * 2 ** (failures - 1), 8.0)
         self.log(f"weights: {label}: {reason}; retry {failures}/{self.tuning.retries} in {delay:.1f} s")
         self._sleep(delay, abort)
@@ -240,7 +264,7 @@ class Downloader:
         with ThreadPoolExecutor(min(self.tuning.connections, max(1, len(targets)))) as pool:
             while waiting:
                 failed = {}
-                for i, outcome in zip(waiting, pool.map(lambda i: self._probe_once(*targets[i]), waiting)):
+                for i, outcome in zip(waiting, pool.map(lambda i: self._probe_once(*targets[i]), waiting), strict=True):
                     if isinstance(outcome, Probe):
                         results[i] = outcome
                     else:
@@ -249,18 +273,22 @@ class Downloader:
                     break
                 rounds += 1
                 reasons = Counter(failed.values())
-                reason = reasons.most_common(1)[0][0] + (f" (and {len(reasons) - 1} other reasons)"
-                                                         if len(reasons) > 1 else "")
+                reason = reasons.most_common(1)[0][0] + (
+                    f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+                )
                 url, label = targets[next(iter(failed))]
                 if rounds > self.tuning.retries:
                     raise WeightsError(
                         f"{len(failed)} of {len(targets)} file(s) could not be reached at {_host(url)}: {reason}; "
                         f"gave up after {rounds} attempts in {time.monotonic() - started:.0f} s (first: {label}, "
                         f"{url}). Check this machine's network access to {_host(url)}, or set WEIGHTS_BASE_URL to a "
-                        "mirror you can reach, or WEIGHTS_OFFLINE=1 to load files already in WEIGHTS_DIR")
+                        "mirror you can reach, or WEIGHTS_OFFLINE=1 to load files already in WEIGHTS_DIR"
+                    )
                 delay = min(self.tuning.backoff * 2 ** (rounds - 1), 8.0)
-                self.log(f"weights: {len(failed)} file(s) not reachable at {_host(url)}: {reason}; retry "
-                         f"{rounds}/{self.tuning.retries} in {delay:.1f} s")
+                self.log(
+                    f"weights: {len(failed)} file(s) not reachable at {_host(url)}: {reason}; retry "
+                    f"{rounds}/{self.tuning.retries} in {delay:.1f} s"
+                )
                 self._sleep(delay)
                 waiting = list(failed)
         return results  # type: ignore[return-value]
@@ -281,8 +309,13 @@ class Downloader:
         linked = _unquote(_first(headers, "X-Linked-Etag"))
         etag = _unquote(r.headers.get("ETag"))
         hub = commit is not None  # only the Hub's ETags have a meaning we can check
-        return Probe(int(size), commit, linked if hub and SHA256_RE.match(linked or "") else None,
-                     etag if hub and not linked and SHA1_RE.match(etag or "") else None, linked or etag)
+        return Probe(
+            int(size),
+            commit,
+            linked if hub and SHA256_RE.match(linked or "") else None,
+            etag if hub and not linked and SHA1_RE.match(etag or "") else None,
+            linked or etag,
+        )
 
     def fetch_bytes(self, url: str, label: str, size: int) -> bytes:
         """A small file, whole, into memory (retried like the HEADs)."""
@@ -312,8 +345,17 @@ class Downloader:
         raise _Transient(f"too many redirects from {origin}")
 
     # -- one byte range -------------------------------------------------------------------------------------
-    def _fetch_range(self, job: Transfer, route: dict, fd: int, start: int, end: int, progress: "_Progress",
-                     abort: threading.Event, written: Callable[[int], None]) -> None:
+    def _fetch_range(
+        self,
+        job: Transfer,
+        route: dict,
+        fd: int,
+        start: int,
+        end: int,
+        progress: "_Progress",
+        abort: threading.Event,
+        written: Callable[[int], None],
+    ) -> None:
         """Write bytes [start, end) of job's file at their offsets, calling written(offset) as they land;
         retries resume where the last one stopped."""
         off, failures = start, 0
@@ -331,9 +373,11 @@ class Downloader:
                         route.pop("direct", None)
                         continue
                     if r.history and r.status_code in (400, 401, 403):
-                        raise WeightsError(f"{job.label}: HTTP {r.status_code} from {_host(r.url)}, where {job.url} "
-                                           "redirected: the download link it gave was refused at once (is this "
-                                           "machine's clock right?)")
+                        raise WeightsError(
+                            f"{job.label}: HTTP {r.status_code} from {_host(r.url)}, where {job.url} "
+                            "redirected: the download link it gave was refused at once (is this "
+                            "machine's clock right?)"
+                        )
                     self._check(r, job.label, job.url)
                     _check_range(r, job, off)
                     route["direct"] = r.url
@@ -378,18 +422,34 @@ class Downloader:
                 return sha
             part.discard()
             if bad is None and job.probe and job.probe.evidence:  # the Hub's own file: the pin is what is wrong
-                raise PinMismatch([Mismatch(job.label, job.sha256, job.pinned_size, sha, job.size, job.probe.evidence,
-                                            job.probe.commit, job.repin)])
+                raise PinMismatch(
+                    [
+                        Mismatch(
+                            job.label,
+                            job.sha256,
+                            job.pinned_size,
+                            sha,
+                            job.size,
+                            job.probe.evidence,
+                            job.probe.commit,
+                            job.repin,
+                        )
+                    ]
+                )
             progress.unskip(job.size)
             if attempt == 1:
                 self.log(f"weights: {job.label}: {bad or f'sha256 mismatch (got {sha})'}, fetching it again")
         if bad:
-            raise WeightsError(f"{job.label}: twice from {job.url}, the bytes received do not match what the server "
-                               f"says of the file: {bad}. The transfer is corrupted on the way (a proxy?); try again "
-                               "or from another network")
-        raise WeightsError(f"{job.label}: sha256 mismatch twice from {job.url}: got {sha}, expected "
-                           f"{job.sha256}. The server's file is not the pinned one (upstream changed, or a "
-                           "bad mirror); if the new file is trusted, re-pin it in the manifest")
+            raise WeightsError(
+                f"{job.label}: twice from {job.url}, the bytes received do not match what the server "
+                f"says of the file: {bad}. The transfer is corrupted on the way (a proxy?); try again "
+                "or from another network"
+            )
+        raise WeightsError(
+            f"{job.label}: sha256 mismatch twice from {job.url}: got {sha}, expected "
+            f"{job.sha256}. The server's file is not the pinned one (upstream changed, or a "
+            "bad mirror); if the new file is trusted, re-pin it in the manifest"
+        )
 
     def _transfer(self, job: Transfer, part: "_Partial", pool: ThreadPoolExecutor, progress: "_Progress") -> str:
         abort, route = threading.Event(), {}
@@ -437,9 +497,11 @@ class Downloader:
         self._cancel.clear()
         s = self.tuning
         jobs = sorted(jobs, key=lambda j: -j.size)
-        with _Progress(sum(j.size for j in jobs), len(jobs), self.log, s.progress_seconds) as progress, \
-                ThreadPoolExecutor(s.connections, thread_name_prefix="chunk") as chunks, \
-                ThreadPoolExecutor(s.files, thread_name_prefix="file") as files:
+        with (
+            _Progress(sum(j.size for j in jobs), len(jobs), self.log, s.progress_seconds) as progress,
+            ThreadPoolExecutor(s.connections, thread_name_prefix="chunk") as chunks,
+            ThreadPoolExecutor(s.files, thread_name_prefix="file") as files,
+        ):
             futures = {files.submit(self._fetch_file, j, chunks, progress): j for j in jobs}
             error, mismatches = None, []
             try:
@@ -492,7 +554,8 @@ class _Partial:
                 if e.errno == errno.ENOSPC:
                     self.close()
                     self.discard()
-                    raise WeightsError(f"{job.label}: no space left for {human(job.size)} in {job.partial.parent}")
+                    where = job.partial.parent
+                    raise WeightsError(f"{job.label}: no space left for {human(job.size)} in {where}") from None
 
     def done_bytes(self) -> int:
         return sum(self.chunks[i][1] - self.chunks[i][0] for i in self.done)
@@ -593,8 +656,10 @@ class _Progress:
         rate = self.fetched / elapsed
         eta = f", ETA {(self.total - self.done) / rate:.0f} s" if rate > 0 else ""
         pct = 100 * self.done / self.total if self.total else 100
-        return (f"weights: {human(self.done)} of {human(self.total)} ({pct:.0f}%), {self.files_done} of "
-                f"{self.files} files, {human(rate)}/s{eta}")
+        return (
+            f"weights: {human(self.done)} of {human(self.total)} ({pct:.0f}%), {self.files_done} of "
+            f"{self.files} files, {human(rate)}/s{eta}"
+        )
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
@@ -619,11 +684,14 @@ def _check_range(r: requests.Response, job: Transfer, off: int) -> None:
         if m[2] != "*" and int(m[2]) != job.size:
             raise WeightsError(f"{job.label}: the server's file has {m[2]} bytes, expected {job.size} ({job.url})")
     elif off:
-        raise WeightsError(f"{job.label}: the server ignored a Range request ({job.url}): resume and "
-                           "parallel download need a server with Range support")
+        raise WeightsError(
+            f"{job.label}: the server ignored a Range request ({job.url}): resume and "
+            "parallel download need a server with Range support"
+        )
     elif int(r.headers.get("Content-Length", job.size)) != job.size:
-        raise WeightsError(f"{job.label}: the server's file has {r.headers['Content-Length']} bytes, "
-                           f"expected {job.size} ({job.url})")
+        raise WeightsError(
+            f"{job.label}: the server's file has {r.headers['Content-Length']} bytes, expected {job.size} ({job.url})"
+        )
 
 
 def _hash_range(hashes, fd: int, start: int, end: int, buf: memoryview) -> None:
@@ -679,8 +747,11 @@ def _reason(e: BaseException) -> str:
             return "the host name does not resolve (no DNS, or no network)"
         if isinstance(chain, ConnectionRefusedError) or "Connection refused" in str(chain):
             return "connection refused"
-        chain = getattr(chain, "reason", None) or chain.__cause__ or next(
-            (a for a in chain.args if isinstance(a, BaseException)), None)
+        chain = (
+            getattr(chain, "reason", None)
+            or chain.__cause__
+            or next((a for a in chain.args if isinstance(a, BaseException)), None)
+        )
     while e.args and isinstance(e.args[0], BaseException):
         e = e.args[0]
     return (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)) or type(e).__name__

@@ -71,15 +71,21 @@ def load_manifest(path: Path) -> dict:
     if not isinstance(repos, dict):
         raise WeightsError(f"the weights manifest {path} has no 'repos' object")
     for repo_id, spec in repos.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("revision"), str) \
-                or not isinstance(spec.get("files"), dict):
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("revision"), str)
+            or not isinstance(spec.get("files"), dict)
+        ):
             raise WeightsError(f"{path}: repo {repo_id} needs a 'revision' string and a 'files' object")
         for name, f in spec["files"].items():
             size, sha = (f.get("size"), f.get("sha256")) if isinstance(f, dict) else ("?", "?")
-            if not (size is None or isinstance(size, int) and size >= 0) \
-                    or not (sha is None or isinstance(sha, str) and SHA256_RE.match(sha)):
-                raise WeightsError(f"{path}: repo {repo_id}, file {name}: 'size' must be a byte count or null "
-                                   "and 'sha256' 64 lowercase hex digits or null")
+            if not (size is None or isinstance(size, int) and size >= 0) or not (
+                sha is None or isinstance(sha, str) and SHA256_RE.match(sha)
+            ):
+                raise WeightsError(
+                    f"{path}: repo {repo_id}, file {name}: 'size' must be a byte count or null "
+                    "and 'sha256' 64 lowercase hex digits or null"
+                )
     return data
 
 
@@ -173,9 +179,16 @@ def manifest_entries(repo_ids, manifest: dict, lock: Lock) -> list[Entry]:
         learned = pinned.get("files") or {}
         for path, f in spec["files"].items():
             seen = learned.get(path) or {}
-            out.append(Entry(repo_id, path, spec["revision"], pinned.get("commit"),
-                             f["size"] if f["size"] is not None else seen.get("size"),
-                             f["sha256"] or seen.get("sha256")))
+            out.append(
+                Entry(
+                    repo_id,
+                    path,
+                    spec["revision"],
+                    pinned.get("commit"),
+                    f["size"] if f["size"] is not None else seen.get("size"),
+                    f["sha256"] or seen.get("sha256"),
+                )
+            )
     return out
 
 
@@ -190,8 +203,10 @@ def plan(mode_names, manifest: dict, lock: Lock, manifest_path: Path, safety_che
         spec = manifest["repos"].get(repo.repo_id)
         lacking = [f for f in repo_files(repo) if spec is None or f not in spec["files"]]
         if lacking:
-            raise WeightsError(f"the weights manifest {manifest_path} lacks repo {repo.repo_id} files "
-                               f"{', '.join(lacking)}; regenerate it (python scripts/weights.py manifest)")
+            raise WeightsError(
+                f"the weights manifest {manifest_path} lacks repo {repo.repo_id} files "
+                f"{', '.join(lacking)}; regenerate it (python scripts/weights.py manifest)"
+            )
     wanted = {(r.repo_id, f) for r in repos for f in repo_files(r)}
     return [e for e in manifest_entries([r.repo_id for r in repos], manifest, lock) if (e.repo_id, e.path) in wanted]
 
