@@ -1,4 +1,4 @@
-"""The weights cache against a loopback stand-in for the Hugging Face Hub (tests/hub_server.py): files verified
+"""The weights cache against a loopback stand-in for the Hugging Face Hub (lib/testkit/hub.py): files verified
 against what the Hub says of them (ETag, X-Linked-Etag), pins that disagree with the Hub, re-pinning, revisions
 pinned to commits, the token kept from the CDN, signed URLs that expire, gated repos, missing files and
 revisions, and a Hub that cannot be reached."""

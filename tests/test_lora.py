@@ -1,4 +1,4 @@
-"""Style LoRAs (lib/lora.py): fetched from a loopback nginx, checked, cached, applied, and always removed.
+"""Style LoRAs (lib/loras/): fetched from a loopback nginx, checked, cached, applied, and always removed.
 
 Tiny LoRAs are built here for the tiny models, in the kohya layout (like the real LCM-LoRA files) and in the
 diffusers/peft layout. The server tests allow http and loopback with LORA_ALLOW_HTTP=1 (the only test switch);

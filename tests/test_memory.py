@@ -1,6 +1,6 @@
-"""Device memory (lib/memory.py): the plan under DEVICE_MEMORY_BUDGET, modes moved in and out (least recently used
-first) with the same images before and after, the metric and log line of a move, requests grouped by mode, and
-a budget too small for a mode; plus the warm-up on the thread that serves predictions."""
+"""Device memory (lib/engine/memory.py): the plan under DEVICE_MEMORY_BUDGET, modes moved in and out (least
+recently used first) with the same images before and after, the metric and log line of a move, requests grouped
+by mode, and a budget too small for a mode; plus the warm-up on the thread that serves predictions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The safety checker (lib/safety.py) through the Predictor on the tiny checker: on by default, off per request,
+"""The safety checker (lib/engine/safety.py) through the Predictor on the tiny checker: on by default, off per request,
 flagged images dropped, a request with every image flagged fails, the count is a metric and a log line, and it
 runs once per batch.
 

@@ -1,4 +1,4 @@
-"""The fast path (lib/speed.py) on the CPU in fp32: every switch gives the plain path's images within a stated
+"""The fast path (lib/engine/speed.py) on the CPU in fp32: every switch gives the plain path's images within a stated
 tolerance; the encode thread keeps files and order; the benchmark's tiny smoke runs (not timed here)."""
 
 import hashlib

@@ -1,5 +1,5 @@
 """The weights cache against a real HTTP server: nginx on loopback serving a mirror in the Hub's `resolve`
-layout, with faults injected by a proxy in front of it (tests/http_fixtures.py)."""
+layout, with faults injected by a proxy in front of it (lib/testkit/servers.py)."""
 
 from __future__ import annotations
 

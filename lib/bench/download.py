@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the weights downloader (results: docs/benchmarks.md, "Weights download").
 
-1. Transfer: a generated file (default 1 GiB) served by nginx on loopback, fetched by lib/download.py
+1. Transfer: a generated file (default 1 GiB) served by nginx on loopback, fetched by lib/weights/download.py
    (parallel ranges, sha256 and fsync included) and by `curl -o` (no hashing, no fsync), alternating,
    several repetitions, medians; also curl followed by `sync` (durable on disk, as ours is before it is
    marked verified) and by `sha256sum` and `sync` (all the guarantees ours gives).
@@ -78,7 +78,9 @@ def bench_transfer(
                 assert got.split()[0] == sha
                 subprocess.run(["sync", str(out)], check=True)
 
-            runs = {f"lib/download.py, {n} connections (sha256 + fsync)": (lambda n=n: ours(n)) for n in connections}
+            runs = {
+                f"lib/weights/download.py, {n} connections (sha256 + fsync)": (lambda n=n: ours(n)) for n in connections
+            }
             runs["curl -o"] = curl
             runs["curl -o, then sync (durable, like ours)"] = curl_synced
             runs["curl -o, then sha256sum and sync (our guarantees)"] = curl_verified

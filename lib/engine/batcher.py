@@ -5,7 +5,7 @@ dispatcher waits a short window for others to arrive, then hands the oldest grou
 batch_key, up to a cap of images) to the device thread, so the device runs one batch at a time while the event
 loop stays free. Requests that arrive while a batch runs form the next one. Requests are grouped by mode: a
 pending request whose mode is on the device goes before an older one whose mode the memory plan keeps in host
-memory (lib/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so that moves stay rare.
+memory (lib/engine/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so that moves stay rare.
 
 Two threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA
 graph trees are per thread: warm-up and predictions must share one); the host thread finishes it (images,

@@ -48,7 +48,7 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 def decode_bytes(vae, width: int, height: int) -> int:
-    """About how much memory decoding one image of this size takes (lib/memory.py's estimate)."""
+    """About how much memory decoding one image of this size takes (lib/engine/memory.py's estimate)."""
     from lib.engine.memory import VAE_LIVE_TENSORS
 
     channels = (

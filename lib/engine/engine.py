@@ -1,13 +1,13 @@
 """The engine: loads the enabled modes once, then turns validated Requests into image files.
 
-A batch (requests that share one pipeline call) runs in two stages, which lib/batcher.py puts on two threads so
+A batch (requests that share one pipeline call) runs in two stages, which lib/engine/batcher.py puts on two threads so
 that the next batch's denoising overlaps this one's files:
 - `Batch.generate`, on the device thread: the mode moved onto the device if the memory plan kept it in host
-  memory (lib/memory.py), text encoding, denoising, and the decode, one VAE call per chunk of images that fits
+  memory (lib/engine/memory.py), text encoding, denoising, and the decode, one VAE call per chunk of images that fits
   in memory; the pixels go to host memory asynchronously;
 - `Batch.finish` / `Batch.end`, anywhere else: PIL images, the safety checker (its preprocessing there, its
   forward on the device), the image files, the metrics.
-Timings are CUDA events (lib/timeline.py), read after the work: nothing waits for the device on the way.
+Timings are CUDA events (lib/engine/timeline.py), read after the work: nothing waits for the device on the way.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Engine:
         self.enabled = tuple(modes)
         self.safety = safety  # None: SAFETY_CHECKER=0
         self.residency = residency or Residency.everything(modes, self.device, safety)
-        self.speed: dict = {}  # what lib/speed.py applied
+        self.speed: dict = {}  # what lib/engine/speed.py applied
         self.switches: speed.Switches | None = None
 
     @classmethod
@@ -189,7 +189,7 @@ class Engine:
         yield from batch.end()
 
     def warm_up(self) -> dict:
-        """Each mode once at its default size (lib/speed.py): run it on the thread that will serve predictions."""
+        """Each mode once at its default size (lib/engine/speed.py), on the thread that will serve predictions."""
         return speed.warm_up(self)
 
     def decoder(self, request: Request):
@@ -203,7 +203,7 @@ class Engine:
 
 
 def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool) -> memory.Plan:
-    """The memory plan from the files' sizes, before anything is loaded (lib/memory.py)."""
+    """The memory plan from the files' sizes, before anything is loaded (lib/engine/memory.py)."""
     check_present(weights_dir, mode_names)  # one message for every missing file, before any is read
     if safety_checker:
         check_safety_weights(weights_dir)

@@ -45,7 +45,7 @@ class Request:
     strength: float
     output_format: str
     output_quality: int
-    lora_url: str | None = None  # a style LoRA (lib/lora.py), fetched by Engine.job
+    lora_url: str | None = None  # a style LoRA (lib/loras/), fetched by Engine.job
     lora_scale: float = 1.0
     disable_safety_checker: bool = False
     fast_decode: bool = False  # decode with the mode's TAESD / TAESDXL instead of its VAE
@@ -114,7 +114,7 @@ def _text(name: str, value, required: bool) -> str | None:
 
 
 def _lora_url(value) -> str | None:
-    """Its form only; what the URL may point to is checked when it is fetched (lib/lora.py)."""
+    """Its form only; what the URL may point to is checked when it is fetched (lib/loras/)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):

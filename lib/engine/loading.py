@@ -119,7 +119,7 @@ class ComponentLoader:
     """Loads components, handing out the same module for components stored in the same files. Each module goes
     to the device, or (where `on_device(key)` says no: the memory plan keeps its mode in host memory) stays on
     the CPU. The decoders (VAE, TAESD) run in `vae_dtype(config)` (by default as diffusers loads them: a VAE whose
-    config forces an upcast in fp32, lib/precision.py); the rest in `dtype`."""
+    config forces an upcast in fp32, lib/engine/precision.py); the rest in `dtype`."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, vae_dtype=None, on_device=lambda key: True):
         self.device, self.dtype, self.on_device = torch.device(device), dtype, on_device

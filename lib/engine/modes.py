@@ -122,7 +122,7 @@ LCM_LORA_SDXL = Repo("latent-consistency/lcm-lora-sdxl", None, (), "Open RAIL++-
 LCM_LORA_SD15 = Repo("latent-consistency/lcm-lora-sdv1-5", None, (), "Open RAIL++-M")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The standard SD safety checker (CLIP ViT-L/14 image tower + concept embeddings), one for every mode. Only these
-# two folders of the SD 1.5 repo: enabling an SDXL mode fetches them, not the SD 1.5 UNet (lib/safety.py).
+# two folders of the SD 1.5 repo: enabling an SDXL mode fetches them, not the SD 1.5 UNet (lib/engine/safety.py).
 SAFETY_CHECKER = Repo(SD15.repo_id, "fp16", ("safety_checker", "feature_extractor"), SD15.licence)
 # TAESD / TAESDXL: an AutoencoderTiny in the diffusers layout at the repo's root (config.json +
 # diffusion_pytorch_model.safetensors); TINY_VAE names that root component.

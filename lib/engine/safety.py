@@ -2,9 +2,9 @@
 
 One checker for every mode: `StableDiffusionSafetyChecker` (a CLIP ViT-L/14 image tower and 17 + 3 concept
 embeddings with thresholds) and its `CLIPImageProcessor`, from the SD 1.5 repo's `safety_checker/`
-(model.fp16.safetensors) and `feature_extractor/` folders (`SAFETY_CHECKER` in lib/modes.py, fetched with the
+(model.fp16.safetensors) and `feature_extractor/` folders (`SAFETY_CHECKER` in lib/engine/modes.py, fetched with the
 weights). It runs once per batch on all of the batch's images whose request did not set
-`disable_safety_checker`; the engine drops flagged images (lib/engine.py).
+`disable_safety_checker`; the engine drops flagged images (lib/engine/engine.py).
 
 SAFETY_CHECKER=0 leaves it out entirely (not fetched, not loaded; `disable_safety_checker` then changes nothing).
 """

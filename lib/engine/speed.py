@@ -15,10 +15,10 @@ Variable (default on CUDA / on the CPU): what it does.
 - SPEED_CHANNELS_LAST (1/0): UNet and VAE weights in channels_last (NHWC), the layout tensor cores want.
 - SPEED_FUSE_QKV (1/0): one fused QKV (self-attention) / KV (cross-attention) projection per attention; the
   separate projections are dropped (diffusers keeps both: about 2.9 GB more for all modes), and rebuilt as
-  views of the fused weights only while a style LoRA needs them (lib/lora.py).
+  views of the fused weights only while a style LoRA needs them (lib/loras/).
 - SPEED_VAE_DTYPE (auto/auto): auto runs a VAE whose own config forces an upcast (SDXL's: fp16 overflows) in
   bfloat16 where the GPU has it natively (compute capability 8.0+), else float32; the others in the model
-  dtype (lib/precision.py). keep: as diffusers loads it (fp32 for SDXL's). Or float32, bfloat16, float16.
+  dtype (lib/engine/precision.py). keep: as diffusers loads it (fp32 for SDXL's). Or float32, bfloat16, float16.
 - SPEED_COMPILE (0/0): torch.compile; 1 = unet,vae, or a list of unet, vae (the decoders), text.
 - SPEED_COMPILE_MODE (max-autotune-no-cudagraphs, or max-autotune with CUDA graphs / default).
 - SPEED_COMPILE_BACKEND (inductor): eager or aot_eager check the plumbing quickly.
@@ -29,9 +29,9 @@ Variable (default on CUDA / on the CPU): what it does.
   predictions (graph trees are per thread), with the safety checker off for its own images.
 - SPEED_ENCODE_THREADS (min(4, cores)): image files are encoded in these threads, off the critical path
   (0: inline). SPEED_WEBP_METHOD (0): libwebp effort; 0 is 4x faster than 4 at 512px, same PSNR, +12% bytes.
-  (Both read by lib/images.py.)
+  (Both read by lib/engine/images.py.)
 
-LoRA fusing is not a switch: the LCM-LoRAs are always fused at load (lib/loading.fuse_lora).
+LoRA fusing is not a switch: the LCM-LoRAs are always fused at load (lib/engine/loading.fuse_lora).
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def _compile(switches: Switches, unets, vaes, texts, on_device: set[int]) -> Non
 
 def warm_up(engine) -> dict:
     """Run every mode once at its default size (batch 1, each decoder): compiles and autotunes before the first
-    request. Call it on the thread that will serve predictions (lib/batcher.py does). The safety checker runs
+    request. Call it on the thread that will serve predictions (lib/engine/batcher.py does). The safety checker runs
     once on a blank image, to load its kernels, but judges none of the warm-up's own images (a flagged noise
     image must not fail setup). Returns seconds per mode."""
     seconds = {}

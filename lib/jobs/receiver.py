@@ -1,6 +1,6 @@
-"""The webhook receiver of async jobs: authenticates each webhook (lib/webhooks.py), saves the output images
-(out_dir/<job>/<index>.<ext>, atomically and durably) and applies the event to the ledger (lib/ledger.py).
-The webhook URL carries the job: `<webhook>?job=<key>&attempt=<n>` (lib/jobs.py builds it).
+"""The webhook receiver of async jobs: authenticates each webhook (lib/jobs/webhooks.py), saves the output images
+(out_dir/<job>/<index>.<ext>, atomically and durably) and applies the event to the ledger (lib/jobs/ledger.py).
+The webhook URL carries the job: `<webhook>?job=<key>&attempt=<n>` (lib/jobs/runner.py builds it).
 """
 
 from __future__ import annotations

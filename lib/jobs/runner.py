@@ -1,6 +1,6 @@
 """Async prediction jobs, the runner's side: read a batch of inputs (JSONL), submit each as an async prediction
-to a Cog server or to Replicate with a webhook, record it in the ledger (lib/ledger.py), resubmit what failed,
-wait for the batch. The webhooks go to the receiver (lib/receiver.py), which shares the ledger.
+to a Cog server or to Replicate with a webhook, record it in the ledger (lib/jobs/ledger.py), resubmit what failed,
+wait for the batch. The webhooks go to the receiver (lib/jobs/receiver.py), which shares the ledger.
 
 The webhook URL carries the job: `<webhook>?job=<key>&attempt=<n>`, so the receiver knows which job (and
 which attempt of it) a message is about before the runner has even heard back from the server.

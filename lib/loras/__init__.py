@@ -20,7 +20,7 @@ Applying (`style_lora`, around the batch's pipeline call)
 - Loaded as the peft adapter "style" at `lora_scale` into the UNet and, where the file has them, the text
   encoders (kohya `lora_unet_`/`lora_te_`/`lora_te1_`/`lora_te2_` keys or the diffusers/peft `unet.`/
   `text_encoder.` layout). In the LCM-LoRA modes the LCM-LoRA is already fused into the UNet's base weights
-  (lib/loading.fuse_lora): the style adapter adds on top, the same as two adapters with LCM's at 1.0.
+  (lib/engine/loading.fuse_lora): the style adapter adds on top, the same as two adapters with LCM's at 1.0.
 - Checked: every layer of the file must land in the model with its shape; otherwise the request fails with
   an InputError naming the mismatch (layers not in the model, other shapes, the cross-attention widths).
 - Always removed on exit (success, error, cancel): unload_lora_weights() puts the original layers back

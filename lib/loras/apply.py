@@ -201,7 +201,7 @@ def _apply(pipe, state: dict, scale: float, mode_name: str) -> None:
 
 
 def _unfuse_attention(unet):
-    """Fused QKV projections (lib/speed.py) run to_qkv and would bypass adapters on to_q/to_k/to_v: while the
+    """Fused QKV projections (lib/engine/speed.py) run to_qkv and would bypass adapters on to_q/to_k/to_v: while the
     adapter is on, the separate projections are back (views of the fused weights: no copy) and the plain
     processors run. Returns what to restore (None: nothing changed)."""
     from lib.engine.speed import restore_projections

@@ -11,7 +11,7 @@
   pin      [REPO ...] [--revision R] pin repos (default: those of --modes) to the commit their revision (or R,
                                     e.g. main) resolves to on the Hub, with the Hub's size and sha256 of every
                                     file: the one command that re-pins after upstream changed
-  manifest                          regenerate weights/manifest.json's file lists from lib/modes.py, keeping
+  manifest                          regenerate weights/manifest.json's file lists from lib/engine/modes.py, keeping
                                     the revisions and pins it has (new files get null: trusted on first download)
 
 Modes default to ENABLED_MODES (comma-separated), else all; the safety checker's files are included unless
@@ -144,7 +144,7 @@ def cmd_pin(args) -> int:
 
 
 def build_manifest(old: dict | None) -> dict:
-    """The manifest for every mode's repos: files from lib/modes.py; revisions and pins from the old manifest,
+    """The manifest for every mode's repos: files from lib/engine/modes.py; revisions and pins from the old manifest,
     null for files it does not have."""
     old_repos = (old or {}).get("repos", {})
     repos = {}
