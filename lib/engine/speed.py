@@ -67,7 +67,7 @@ class Switches:
 
     @classmethod
     def from_env(cls, device: torch.device, env=None, **overrides) -> Switches:
-        """The switches from `env` (default os.environ, through lib/switches.py) and `overrides`, with the
+        """The switches from `env` (default os.environ, through lib/settings.py) and `overrides`, with the
         device's defaults: on for CUDA unless SPEED=0."""
         s = Settings(env)
         cuda = torch.device(device).type == "cuda"
