@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,11 +146,9 @@ def main() -> int:
 
     os.environ.setdefault("ENABLED_MODES", raw.get("mode", DEFAULT_MODE))
     if args.tiny:
-        from lib.testkit.models import write_weights
+        from lib.testkit.models import use_tiny_weights
 
-        os.environ["WEIGHTS_OFFLINE"] = "1"  # use the folder as it is: no manifest, no download
-        os.environ["WEIGHTS_DIR"] = tiny_dir = tempfile.mkdtemp(prefix="tiny-weights-")
-        write_weights(Path(tiny_dir))
+        use_tiny_weights()
 
     from predict import Predictor
 

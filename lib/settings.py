@@ -175,6 +175,7 @@ GROUPS = {
     "weights": "Weights",
     "speed": "The fast path (lib/engine/speed.py)",
     "batching": "Batching concurrent predictions",
+    "realtime": "The realtime server (scripts/realtime.py)",
     "lora": "Style LoRAs",
     "jobs": "Async jobs, webhooks and pushing",
     "tools": "Benchmarks and checks",
@@ -202,6 +203,8 @@ class Settings:
     device_memory_budget = Var("DEVICE_MEMORY_BUDGET", "engine", size(), None,
         "the memory plan's budget: modes that do not fit wait in host memory and move in when a request needs them",
         shown="the GPU's free memory")
+    prompt_cache_size = Var("PROMPT_CACHE_SIZE", "engine", integer(0), 64,
+        "prompt embeddings kept on the device (least recently used evicted): an unchanged prompt is not encoded again")
 
     # -- weights --
     weights_dir = Var("WEIGHTS_DIR", "weights", path(), lambda s: ROOT / "weights",
@@ -256,6 +259,22 @@ class Settings:
     batch_max_images = Var("BATCH_MAX_IMAGES", "batching", integer(1), 16, "most images in one batch")
     cog_max_concurrency = Var("COG_MAX_CONCURRENCY", "batching", integer(1), 1,
         "predictions Cog runs at once (set by Cog from cog.yaml's concurrency.max)")
+
+    # -- realtime --
+    realtime_token = Var("REALTIME_TOKEN", "realtime", text(), None,
+        "required to serve beyond loopback (`--host 0.0.0.0`); the page passes it on as `?token=`")
+    realtime_allowed_origins = Var("REALTIME_ALLOWED_ORIGINS", "realtime", text(), None,
+        "comma-separated Origins allowed besides the page's own (e.g. `https://app.example`)")
+    realtime_max_sessions = Var("REALTIME_MAX_SESSIONS", "realtime", integer(1), 8, "sessions served at once")
+    realtime_max_message_bytes = Var("REALTIME_MAX_MESSAGE_BYTES", "realtime", size(), 2 * 2**20,
+        "the largest message a page may send (a painted frame)", shown="2 MiB")
+    realtime_messages_per_second = Var("REALTIME_MESSAGES_PER_SECOND", "realtime", integer(1), 120,
+        "messages per second a session may send (more are refused with an error)")
+    realtime_frame_format = Var("REALTIME_FRAME_FORMAT", "realtime", choice("jpg", "webp"), "jpg",
+        "the frames' encoding")
+    realtime_frame_quality = Var("REALTIME_FRAME_QUALITY", "realtime", integer(1, 100), 85, "the frames' quality")
+    realtime_batch_window_ms = Var("REALTIME_BATCH_WINDOW_MS", "realtime", number(0), 2.0,
+        "how long the batcher waits for other sessions' frames to batch with")
 
     # -- lora --
     lora_cache_dir = Var("LORA_CACHE_DIR", "lora", path(), lambda s: s.weights_dir / ".loras", "the style-LoRA cache",

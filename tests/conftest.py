@@ -60,3 +60,25 @@ def files(tmp_path_factory):
         "@photo": d / "photo.png",
         "@truncated": d / "truncated.png",
     }
+
+
+REALTIME_MODES = "sd-turbo,lcm"  # two modes with different step limits, for the page's controls
+REALTIME_MAX_MESSAGE = 512 * 1024
+REALTIME_RATE = 40
+
+
+@pytest.fixture(scope="session")
+def realtime_server(tiny_weights, tmp_path_factory):
+    """The realtime server as users start it (scripts/realtime.py), on the tiny weights; shared by the session."""
+    from lib.testkit.realtime import RealtimeServer
+
+    env = {
+        "WEIGHTS_DIR": str(tiny_weights),
+        "WEIGHTS_OFFLINE": "1",
+        "ENABLED_MODES": REALTIME_MODES,
+        "REALTIME_MAX_MESSAGE_BYTES": str(REALTIME_MAX_MESSAGE),
+        "REALTIME_MESSAGES_PER_SECOND": str(REALTIME_RATE),
+        "REALTIME_TOKEN": None,
+    }
+    with RealtimeServer(tmp_path_factory.mktemp("realtime"), env) as server:
+        yield server

@@ -22,6 +22,7 @@ from lib.engine.engine import Cancelled
 from lib.engine.inputs import InputError
 from lib.loras import apply, cache, check, fetch
 from lib.testkit.servers import FaultProxy, Nginx
+from tests.test_prompt_cache import cache as prompt_cache
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -160,6 +161,20 @@ def test_style_lora_changes_the_images_and_leaves_no_trace(predictor, run, serve
     again, _ = run(**BASE, mode=mode, num_outputs=2)
     assert read(again) == read(base), "the next request's images differ from before: the LoRA leaked"
     assert_untouched(pipe, before)
+
+
+def test_a_text_encoder_lora_acts_on_a_prompt_whose_embeddings_are_cached(predictor, run, server):
+    """The prompt cache (lib/engine/prompts.py) holds plain embeddings: a batch with a style LoRA (this one adapts
+    the text encoder too) encodes afresh, and caches nothing."""
+    url = f"{server.url}/kohya-sd15.safetensors"
+    with prompt_cache(predictor, 0):
+        fresh, _ = run(**BASE, mode="lcm", lora_url=url)
+    with prompt_cache(predictor, 4):
+        base, _ = run(**BASE, mode="lcm")  # the plain embeddings, cached
+        styled, _ = run(**BASE, mode="lcm", lora_url=url)
+        again, _ = run(**BASE, mode="lcm")
+    assert read(styled) == read(fresh), "the LoRA's text encoder was bypassed by cached embeddings"
+    assert read(again) == read(base), "the LoRA's embeddings were cached"
 
 
 def test_text_encoder_layers_are_applied(predictor, server):

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lib import push
+from lib import ROOT, push
 from lib.testkit import replicate
-from lib.testkit.cog_server import ROOT
 
 
 def push_cli(*args, path: str, env: dict | None = None) -> subprocess.CompletedProcess:

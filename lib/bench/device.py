@@ -82,18 +82,6 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def stats_ms(seconds: list[float]) -> dict:
-    ms = sorted(s * 1000 for s in seconds)
-    p95 = ms[min(len(ms) - 1, max(0, round(0.95 * len(ms) + 0.5) - 1))]
-    return {
-        "p50": round(statistics.median(ms), 2),
-        "p95": round(p95, 2),
-        "mean": round(statistics.fmean(ms), 2),
-        "min": round(ms[0], 2),
-        "n": len(ms),
-    }
-
-
 def median_ms(values) -> float | None:
     values = [v for v in values if v is not None]
     return round(statistics.median(values) * 1000, 2) if values else None

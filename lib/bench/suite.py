@@ -30,9 +30,10 @@ import torch
 
 from lib import ROOT
 from lib.bench.cases import GOALS, PROMPT, VARIANTS
-from lib.bench.device import device_info, free, median_ms, peak_memory_gb, reset_peak, slug, stats_ms, sync
+from lib.bench.device import device_info, free, median_ms, peak_memory_gb, reset_peak, slug, sync
 from lib.bench.render import DOC, load_json, render, render_all, write_outputs
 from lib.settings import Settings
+from lib.stats import stats_ms
 
 log = logging.getLogger("bench")
 

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -61,11 +60,9 @@ def main() -> None:
     os.environ["COG_MAX_CONCURRENCY"] = str(max(clients))  # the batcher's window is on only with concurrency
     os.environ["ENABLED_MODES"] = args.mode
     if args.tiny:
-        from lib.testkit.models import write_weights
+        from lib.testkit.models import use_tiny_weights
 
-        os.environ["WEIGHTS_OFFLINE"] = "1"
-        os.environ["WEIGHTS_DIR"] = tiny = tempfile.mkdtemp(prefix="tiny-weights-")
-        write_weights(Path(tiny))
+        use_tiny_weights()
 
     from lib.local import run_inputs
     from predict import Predictor

@@ -23,7 +23,7 @@ import contextvars
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,16 +73,12 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
 
-    def warm_up(self) -> dict:
+    def warm_up(self, img2img: bool = False) -> dict:
         """The engine's warm-up, on the device thread (the one that will serve the predictions)."""
-        return self._device.submit(self.engine.warm_up).result()
+        return self._device.submit(self.engine.warm_up, img2img).result()
 
-    async def stream(self, job: Job) -> Iterator[Output]:
-        """For a Cog server: `return await batcher.stream(job)` from `async def run`. coglet 0.23.1 collects an
-        async generator's items until it ends (no image would stream), but drains a sync iterator returned by
-        async run() on a thread of its own, sending each item as it comes. It cancels only the coroutine,
-        though, so this one waits for the first output (canceled there, the batch drops the job within a
-        denoising step) and then returns an iterator over all of them."""
+    def _submit(self, job: Job) -> tuple[_Outbox, Callable[[], None]]:
+        """Queue `job` for the dispatcher; returns its outbox and what drops it (marks it canceled)."""
         loop = asyncio.get_running_loop()
         if self._dispatcher is None or self._dispatcher.done():
             self._wakeup = asyncio.Event()
@@ -99,6 +95,16 @@ class Batcher:
             if entry in self._pending:
                 self._pending.remove(entry)
 
+        return outbox, drop
+
+    async def stream(self, job: Job) -> Iterator[Output]:
+        """For a Cog server: `return await batcher.stream(job)` from `async def run`. coglet 0.23.1 collects an
+        async generator's items until it ends (no image would stream), but drains a sync iterator returned by
+        async run() on a thread of its own, sending each item as it comes. It cancels only the coroutine,
+        though, so this one waits for the first output (canceled there, the batch drops the job within a
+        denoising step) and then returns an iterator over all of them."""
+        loop = asyncio.get_running_loop()
+        outbox, drop = self._submit(job)
         try:
             await outbox.arrived.wait()
         except BaseException:  # canceled before the first output: the batch drops this job's remaining work
@@ -115,6 +121,25 @@ class Batcher:
                 loop.call_soon_threadsafe(drop)
 
         return outputs()
+
+    async def results(self, job: Job) -> list[Output]:
+        """All of `job`'s outputs, awaited on the event loop without blocking it (the realtime server).
+        Canceled (a session closed mid-frame), the batch drops the job's remaining work."""
+        outbox, drop = self._submit(job)
+        outputs: list[Output] = []
+        try:
+            while True:
+                await outbox.arrived.wait()
+                outbox.arrived.clear()  # on the loop, like every put: none is missed between the clear and the drain
+                while not outbox.items.empty():
+                    item = outbox.items.get_nowait()
+                    if item is _DONE:
+                        return outputs
+                    if isinstance(item, BaseException):
+                        raise item
+                    outputs.append(item)
+        finally:
+            drop()
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()

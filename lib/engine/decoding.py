@@ -1,5 +1,5 @@
-"""VAE encode (img2img input) and decode (output), done by the engine rather than inside the pipelines so that
-a batch's images are decoded in as few calls as memory allows, each stage timed, and the pixels handed to the
+"""VAE (or TAESD) encode (img2img input) and decode (output), done by the engine rather than inside the pipelines so
+that a batch's images are decoded in as few calls as memory allows, each stage timed, and the pixels handed to the
 host without blocking the device thread."""
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ def encode(vae, image: Image.Image, dtype: torch.dtype) -> torch.Tensor:
     """RGB image -> scaled latents (1, C, H/8, W/8), as the img2img pipelines take them directly."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
     pixels = pixels.to(vae.device, vae.dtype) / 127.5 - 1.0
-    # The distribution's mode, not a sample: img2img noise comes from the per-image seeds alone.
-    latents = vae.encode(pixels).latent_dist.mode()
+    encoded = vae.encode(pixels)
+    # The VAE's distribution's mode, not a sample: img2img noise comes from the per-image seeds alone. TAESD
+    # (AutoencoderTiny) gives its latents directly.
+    latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
     scaling, shift = _scale(vae)
     return ((latents - shift) * scaling).to(dtype)
 

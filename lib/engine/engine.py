@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib.engine import decoding, images, memory, precision, speed
+from lib.engine import decoding, images, memory, precision, prompts, speed
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
+from lib.engine.prompts import PromptCache
 from lib.engine.safety import AllImagesFlagged, SafetyChecker
 from lib.engine.safety import check_present as check_safety_weights
 from lib.engine.safety import load_from_env as load_safety_checker
@@ -45,19 +46,21 @@ Record = Callable[[str, object], None]
 
 @dataclass(frozen=True)
 class Output:
-    path: Path
+    path: Path | None  # the image file; None for a job without out_dir, whose image is `data`
     seed: int
     settings: dict
+    data: bytes | None = None  # the encoded image, for a job without out_dir (the realtime server's frames)
 
 
 @dataclass
 class Job:
     request: Request
-    out_dir: Path
+    out_dir: Path | None  # where its image files go; None: encoded in memory (Output.data)
     record: Record
     picture: Image.Image | None  # the img2img input, fitted to the output size
     cancelled: bool = False  # set from another thread; the batch skips this job's remaining work
     lora: LoraFile | None = None  # the request's style LoRA, fetched and verified
+    quiet: bool = False  # no log line of its own (the realtime server's frames: it logs per session)
 
 
 class Cancelled(Exception):
@@ -78,8 +81,9 @@ def batch_key(request: Request) -> tuple:
         request.height,
         request.num_inference_steps,
         request.guidance_scale,
-        request.image_path is not None,
-        request.strength if request.image_path else None,
+        request.img2img,
+        request.strength if request.img2img else None,
+        request.fast_encode if request.img2img else None,
         uses_negative_prompt(request),
         request.lora_url,
         request.lora_scale if request.lora_url else None,
@@ -102,6 +106,7 @@ class Engine:
         self.residency = residency or Residency.everything(modes, self.device, safety)
         self.speed: dict = {}  # what lib/engine/speed.py applied
         self.switches: speed.Switches | None = None
+        self.prompts = PromptCache(Settings().prompt_cache_size)
 
     @classmethod
     def load(
@@ -160,18 +165,29 @@ class Engine:
         image_size = None if image is None else images.input_image_size(image)
         return resolve_request(enabled=self.enabled, image_size=image_size, **inputs)
 
-    def job(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Job:
-        """A request made ready to run, alone or in a batch: the img2img input is decoded and fitted and the
-        style LoRA fetched (network; the cache usually has it) here, so that a bad file fails its own request only."""
-        picture = None
+    def job(
+        self,
+        request: Request,
+        out_dir: Path | None,
+        record: Record = lambda k, v: None,
+        picture: Image.Image | None = None,
+        quiet: bool = False,
+    ) -> Job:
+        """A request made ready to run, alone or in a batch: the img2img input (request.image_path, or a
+        `picture` already decoded) is fitted and the style LoRA fetched (network; the cache usually has it) here,
+        so that a bad file fails its own request only. Without `out_dir` the images are encoded in memory."""
         if request.image_path:
-            picture = images.fit_image(images.open_input_image(request.image_path), request.width, request.height)
+            picture = images.open_input_image(request.image_path)
+        if request.img2img != (picture is not None):
+            raise ValueError("an img2img request needs its picture, and only an img2img request takes one")
+        if picture is not None:
+            picture = images.fit_image(picture.convert("RGB"), request.width, request.height)
         lora = None
         if request.lora_url:
             lora = fetch_lora(request.lora_url)
             record("timings.lora_fetch", round(lora.seconds, 4))
             record("lora_cache_hit", lora.cached)
-        return Job(request, Path(out_dir), record, picture, lora=lora)
+        return Job(request, None if out_dir is None else Path(out_dir), record, picture, lora=lora, quiet=quiet)
 
     def run(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Iterator[Output]:
         """Generate request.num_outputs images; yields each file as soon as it is written."""
@@ -188,17 +204,24 @@ class Engine:
             yield from batch.finish(chunk)
         yield from batch.end()
 
-    def warm_up(self) -> dict:
+    def warm_up(self, img2img: bool = False) -> dict:
         """Each mode once at its default size (lib/engine/speed.py), on the thread that will serve predictions."""
-        return speed.warm_up(self)
+        return speed.warm_up(self, img2img)
 
     def decoder(self, request: Request):
         """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""
+        return self._autoencoder(request, "fast_decode", request.fast_decode)
+
+    def encoder(self, request: Request):
+        """The img2img input's encoder: the mode's VAE, or with fast_encode its TAESD / TAESDXL."""
+        return self._autoencoder(request, "fast_encode", request.fast_encode)
+
+    def _autoencoder(self, request: Request, switch: str, tiny: bool):
         loaded = self.modes[request.mode.name]
-        if not request.fast_decode:
+        if not tiny:
             return loaded.txt2img.vae
         if loaded.tiny_vae is None:
-            raise InputError(f"fast_decode: mode {request.mode.name} has no fast decoder loaded on this server")
+            raise InputError(f"{switch}: mode {request.mode.name} has no tiny autoencoder loaded on this server")
         return loaded.tiny_vae
 
 
@@ -260,7 +283,7 @@ class Batch:
         assert all(batch_key(j.request) == batch_key(first) for j in self.jobs), "jobs of one batch must share a key"
         self.first, self.mode = first, first.mode
         self.loaded = self.engine.modes[first.mode.name]
-        self.pipe = self.loaded.img2img if first.image_path else self.loaded.txt2img
+        self.pipe = self.loaded.img2img if first.img2img else self.loaded.txt2img
         self.scheduled, self.runs = first.schedule
         self.timeline = Timeline(self.engine.device)
         # Batch image k: (job, index within the job, seed).
@@ -301,6 +324,8 @@ class Batch:
             job.record("seeds", r.seeds)
             job.record("batch.requests", len(jobs))
             job.record("batch.images", images_total)
+            if job.quiet:
+                continue
             log.info(
                 "mode %s, %d image(s) %dx%d, %d step(s), guidance %g, seeds %s%s",
                 mode.name,
@@ -327,16 +352,15 @@ class Batch:
         """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
         first, jobs, pipe = self.first, self.jobs, self.pipe
         kwargs: dict = {"height": first.height, "width": first.width}
-        if first.image_path:
+        if first.img2img:
             start = self.timeline.mark()
+            encoder = self.engine.encoder(first)
             latents = [
-                decoding.encode(pipe.vae, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
+                decoding.encode(encoder, j.picture, self.engine.dtype).expand(j.request.num_outputs, -1, -1, -1)
                 for j in jobs
             ]
             kwargs = {"image": torch.cat(latents), "strength": first.strength}
             self.marks["vae_encode"] = (start, self.timeline.mark())
-        if uses_negative_prompt(first):
-            kwargs["negative_prompt"] = [j.request.negative_prompt for j in jobs for _ in j.request.seeds]
         lora = jobs[0].lora
         try:
             started = time.perf_counter()
@@ -354,16 +378,20 @@ class Batch:
         return result
 
     def _pipeline_call(self, kwargs: dict) -> torch.Tensor:
-        jobs, pipe, timeline = self.jobs, self.pipe, self.timeline
-        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-        encoding: list = []
-
-        def before(module, args):
-            encoding.append([timeline.mark(), None])
-
-        def after(module, args, output):
-            encoding[-1][1] = timeline.mark()
-            self.steps[:] = [encoding[-1][1]]  # denoising starts when the last text encoder finishes
+        jobs, pipe, timeline, first = self.jobs, self.pipe, self.timeline, self.first
+        start = timeline.mark()
+        embeds = prompts.embeddings(
+            pipe,
+            self.mode.family,
+            self.mode.name,
+            [j.request.prompt for j in jobs for _ in j.request.seeds],
+            [j.request.negative_prompt for j in jobs for _ in j.request.seeds],
+            uses_negative_prompt(first),
+            None if first.lora_url else self.engine.prompts,  # a style LoRA may change the text encoders
+        )
+        end = timeline.mark()
+        self.marks["text_encoding"] = [(start, end)]
+        self.steps[:] = [end]  # denoising starts here
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             if all(job.cancelled for job in jobs):
@@ -372,22 +400,15 @@ class Batch:
             self._log_steps(wait=False)
             return callback_kwargs
 
-        hooks = [h for m in encoders for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-        try:
-            latents = pipe(
-                prompt=[j.request.prompt for j in jobs for _ in j.request.seeds],
-                num_inference_steps=self.scheduled,
-                guidance_scale=jobs[0].request.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.request.seeds],
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-                **kwargs,
-            ).images
-        finally:
-            for h in hooks:
-                h.remove()
-        self.marks["text_encoding"] = encoding
-        return latents
+        return pipe(
+            num_inference_steps=self.scheduled,
+            guidance_scale=first.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.request.seeds],
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+            **embeds,
+            **kwargs,
+        ).images
 
     def _log_steps(self, wait: bool) -> None:
         """Log the steps that have run (all of them with `wait`): the logs follow the device, without stalling it."""
@@ -396,7 +417,8 @@ class Batch:
             if not wait and not self.timeline.done(self.steps[k]):
                 return
             ms = self.timeline.seconds(self.steps[k - 1], self.steps[k]) * 1000
-            log.info("step %d/%d: %.0f ms", k, self.runs, ms)
+            if not all(job.quiet for job in self.jobs):
+                log.info("step %d/%d: %.0f ms", k, self.runs, ms)
             self.logged_steps = k
 
     def _chunk_size(self, decoder, n: int) -> int:
@@ -444,12 +466,13 @@ class Batch:
                 "guidance_scale": r.guidance_scale,
                 "width": r.width,
                 "height": r.height,
-                "strength": r.strength if r.image_path else None,
+                "strength": r.strength if r.img2img else None,
                 "fast_decode": r.fast_decode,
             }
-            future = images.save_in_background(
-                picture, job.out_dir / f"out-{i}-{seed}.{r.output_format}", r.output_format, r.output_quality, settings
-            )
+            if r.fast_encode and r.img2img:
+                settings["fast_encode"] = True
+            path = None if job.out_dir is None else job.out_dir / f"out-{i}-{seed}.{r.output_format}"
+            future = images.save_in_background(picture, path, r.output_format, r.output_quality, settings)
             self.saving.append((future, job, seed, settings))
         while self.saving and self.saving[0][0].done():
             yield self._saved()
@@ -475,9 +498,11 @@ class Batch:
 
     def _saved(self) -> tuple[Job, Output]:
         future, job, seed, settings = self.saving.pop(0)
-        path, seconds = future.result()
+        written, seconds = future.result()
         self.encode_seconds[id(job)] = self.encode_seconds.get(id(job), 0.0) + seconds
-        return job, Output(path, seed, settings)
+        if isinstance(written, bytes):
+            return job, Output(None, seed, settings, data=written)
+        return job, Output(written, seed, settings)
 
     def end(self) -> Iterator[tuple[Job, Output | Exception]]:
         """The images still being written, then each job's metrics (and its failure, if all its images were

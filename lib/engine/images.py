@@ -4,6 +4,7 @@ carrying its generation settings as JSON in the EXIF ImageDescription tag (one r
 from __future__ import annotations
 
 import functools
+import io
 import json
 import shutil
 import tempfile
@@ -61,8 +62,8 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
 
 
-def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings: dict) -> Path:
-    """Write `image` as `fmt` with `settings` embedded; returns the path written."""
+def _write(image: Image.Image, target, fmt: str, quality: int, settings: dict) -> None:
+    """`image` as `fmt` with `settings` embedded, into `target` (a path or a binary file)."""
     exif = Image.Exif()
     # ASCII-only JSON: the EXIF ASCII type cannot carry other bytes.
     exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(settings, ensure_ascii=True, sort_keys=True)
@@ -76,18 +77,34 @@ def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings:
         options["method"] = Settings().speed_webp_method
     if fmt == "png":
         options["compress_level"] = 1  # PNG is lossless either way; level 1 is ~5x faster than 6
+    image.save(target, PIL_FORMATS[fmt], **options)
+
+
+def save_image(image: Image.Image, path: Path, fmt: str, quality: int, settings: dict) -> Path:
+    """Write `image` as `fmt` with `settings` embedded; returns the path written."""
     with replacing(path, suffix=".part") as tmp:
-        image.save(tmp, PIL_FORMATS[fmt], **options)
+        _write(image, tmp, fmt, quality, settings)
     return path
 
 
-def save_in_background(image: Image.Image, path: Path, fmt: str, quality: int, settings: dict) -> Future:
+def encode_image(image: Image.Image, fmt: str, quality: int, settings: dict) -> bytes:
+    """The bytes save_image would write, in memory."""
+    buffer = io.BytesIO()
+    _write(image, buffer, fmt, quality, settings)
+    return buffer.getvalue()
+
+
+def save_in_background(image: Image.Image, path: Path | None, fmt: str, quality: int, settings: dict) -> Future:
     """save_image in a worker thread (encoders release the GIL), so that the caller can decode the next image
-    meanwhile. The future's result is (path, seconds spent encoding). SPEED_ENCODE_THREADS=0 saves inline."""
+    meanwhile; with no `path`, encode_image. The future's result is (the path written, or the bytes; seconds
+    spent encoding). SPEED_ENCODE_THREADS=0 works inline."""
 
     def work():
         started = time.perf_counter()
-        written = save_image(image, path, fmt, quality, settings)
+        if path is None:
+            written = encode_image(image, fmt, quality, settings)
+        else:
+            written = save_image(image, path, fmt, quality, settings)
         return written, time.perf_counter() - started
 
     pool = _encoder_pool(Settings().speed_encode_threads)

@@ -41,7 +41,7 @@ class Request:
     num_inference_steps: int
     guidance_scale: float
     seed: int
-    image_path: str | None
+    image_path: str | None  # the img2img input's file (None: txt2img, or a picture handed to Engine.job)
     strength: float
     output_format: str
     output_quality: int
@@ -49,6 +49,8 @@ class Request:
     lora_scale: float = 1.0
     disable_safety_checker: bool = False
     fast_decode: bool = False  # decode with the mode's TAESD / TAESDXL instead of its VAE
+    fast_encode: bool = False  # img2img: encode the input with TAESD / TAESDXL too (the realtime server)
+    img2img: bool = False  # an input image comes with the request (a file, or a picture given to Engine.job)
 
     @property
     def seeds(self) -> list[int]:
@@ -58,7 +60,7 @@ class Request:
     @property
     def schedule(self) -> tuple[int, int]:
         """(steps the scheduler is set to, denoising steps that run) for this request."""
-        return denoising_schedule(self.mode, self.num_inference_steps, self.strength if self.image_path else 1.0)
+        return denoising_schedule(self.mode, self.num_inference_steps, self.strength if self.img2img else 1.0)
 
 
 def denoising_schedule(mode: Mode, steps: int, strength: float) -> tuple[int, int]:
@@ -163,8 +165,10 @@ def resolve_request(
     lora_scale=1.0,
     disable_safety_checker=False,
     fast_decode=False,
+    fast_encode=False,
 ) -> Request:
-    """Check every input and fill in the mode's defaults. `image_size` is the input image's (w, h)."""
+    """Check every input and fill in the mode's defaults. `image_size` is the input image's (w, h): given
+    without `image`, the picture itself comes to Engine.job (the realtime server's canvas)."""
     m = resolve_mode(DEFAULT_MODE if mode is None else mode, enabled)
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
@@ -176,6 +180,7 @@ def resolve_request(
     lora_scale = _in_range("lora_scale", lora_scale, LORA_SCALE_RANGE)
     disable_safety_checker = _switch("disable_safety_checker", disable_safety_checker)
     fast_decode = _switch("fast_decode", fast_decode)
+    fast_encode = _switch("fast_encode", fast_encode)
     return Request(
         mode=m,
         prompt=prompt,
@@ -194,6 +199,8 @@ def resolve_request(
         lora_scale=lora_scale,
         disable_safety_checker=disable_safety_checker,
         fast_decode=fast_decode,
+        fast_encode=fast_encode,
+        img2img=image is not None or image_size is not None,
     )
 
 

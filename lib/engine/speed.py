@@ -277,27 +277,49 @@ def _compile(switches: Switches, unets, vaes, texts, on_device: set[int]) -> Non
             getattr(module, "decoder", module).compile(**options)  # in place: the pipelines share the module
 
 
-def warm_up(engine) -> dict:
+def warm_up(engine, img2img: bool = False) -> dict:
     """Run every mode once at its default size (batch 1, each decoder): compiles and autotunes before the first
-    request. Call it on the thread that will serve predictions (lib/engine/batcher.py does). The safety checker runs
-    once on a blank image, to load its kernels, but judges none of the warm-up's own images (a flagged noise
-    image must not fail setup). Returns seconds per mode."""
+    request. With `img2img` (the realtime server), img2img too, from a grey picture, encoded and decoded with the
+    tiny autoencoder where the mode has one (the realtime default). Call it on the thread that will serve
+    predictions (lib/engine/batcher.py does). The safety checker runs once on a blank image, to load its kernels,
+    but judges none of the warm-up's own images (a flagged noise image must not fail setup). Returns seconds per
+    mode."""
+    from PIL import Image
+
+    from lib.engine.inputs import resolve_request
+
     seconds = {}
     for name in engine.modes:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
+            jobs = []
             for fast_decode in _decode_variants(engine, name):
                 extra = {"fast_decode": True} if fast_decode else {}
                 request = engine.request(
                     prompt="warm-up", mode=name, seed=0, output_format="webp", disable_safety_checker=True, **extra
                 )
-                for _ in engine.run(request, tmp):
+                jobs.append(engine.job(request, tmp))
+            if img2img:
+                size, tiny = engine.modes[name].mode.size, len(_decode_variants(engine, name)) > 1
+                request = resolve_request(
+                    enabled=engine.enabled,
+                    prompt="warm-up",
+                    mode=name,
+                    seed=0,
+                    width=size,
+                    height=size,
+                    image_size=(size, size),
+                    fast_decode=tiny,
+                    fast_encode=tiny,
+                    disable_safety_checker=True,
+                )
+                jobs.append(engine.job(request, tmp, picture=Image.new("RGB", (size, size), (128, 128, 128))))
+            for job in jobs:
+                for _ in engine.run_batch([job]):
                     pass
         seconds[name] = round(time.perf_counter() - started, 3)
         log.info("warm-up %s: %.1f s", name, seconds[name])
     if engine.safety is not None:
-        from PIL import Image
-
         engine.safety.flagged([Image.new("RGB", (224, 224))])
     engine.speed["warmup_s"] = seconds
     return seconds

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from lib import ROOT
+from lib.testkit.servers import ServerProcess
 
 WEBHOOK_TOKEN = "test-webhook-token"  # the shared server sends it as Bearer on every webhook
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -37,7 +36,7 @@ def free_port() -> int:
     return port()
 
 
-class CogServer:
+class CogServer(ServerProcess):
     """One `python -m cog.server.http` process (its own process group), logging to `workdir/server.log`."""
 
     def __init__(self, workdir: Path, env: dict, stub: str = "predict.py:Predictor"):
@@ -60,15 +59,7 @@ class CogServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> "CogServer":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.spawn([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"])
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -97,26 +88,6 @@ class CogServer:
                 )
             time.sleep(0.1)
         raise RuntimeError(f"the Cog server is not READY after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
 
     # -- HTTP ---------------------------------------------------------------------------------------------
     def request(

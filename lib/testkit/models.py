@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -398,6 +399,16 @@ def write_weights(out_dir: Path, scale: Scale = TINY) -> list[Path]:
     for repo in all_repos(MODES, safety_checker=True):
         written += write_repo(repo, out_dir / repo.repo_id, scale)
     return [p.relative_to(out_dir) for p in written]
+
+
+def use_tiny_weights() -> Path:
+    """Tiny weights for every mode in a fresh temporary folder, and this process's environment pointed at it
+    (WEIGHTS_DIR, WEIGHTS_OFFLINE=1: loaded as they are): the `--tiny` of the entry points."""
+    folder = Path(tempfile.mkdtemp(prefix="tiny-weights-"))
+    write_weights(folder)
+    os.environ["WEIGHTS_OFFLINE"] = "1"  # use the folder as it is: no manifest, no download
+    os.environ["WEIGHTS_DIR"] = str(folder)
+    return folder
 
 
 def write_mirror(mirror: Path) -> dict:

@@ -1,11 +1,12 @@
-"""A real HTTP server for download tests: nginx on loopback (Range support as a CDN has it), and a small
-proxy in front of it that injects faults into chosen responses."""
+"""Servers for tests: nginx on loopback for the download tests (Range support as a CDN has it), a small proxy in
+front of it that injects faults into chosen responses, and the process handling of the servers under test."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -13,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lib import ROOT
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 MISSING_NGINX = (
@@ -38,6 +41,40 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
         except OSError:
             time.sleep(0.02)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class ServerProcess:
+    """A server under test in its own process group, its output in `self.log_path`; set workdir, env, log_path."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path
+    env: dict
+
+    def spawn(self, argv: list[str]) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
 
 class Nginx:

@@ -1,0 +1,84 @@
+"""The realtime server's entry point (scripts/realtime.py, scripts/realtime.sh): set up the engine as the
+predictor does (the same environment: WEIGHTS_DIR, WEIGHTS_OFFLINE, ENABLED_MODES, SAFETY_CHECKER, ...), warm it
+up at the realtime shapes, then serve the page and its WebSocket with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lib.realtime.server import is_loopback
+from lib.settings import Settings
+
+log = logging.getLogger("lib.realtime")
+
+DEFAULT_MODES = "sd-turbo"  # without ENABLED_MODES: the fastest mode, and the smallest download
+TOKEN_HINT = "export REALTIME_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/realtime.sh", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random weights built on the spot (the frames are noise): checks everything offline, in seconds",
+    )
+    args = parser.parse_args(argv)
+    if not is_loopback(args.host) and not Settings().realtime_token:
+        parser.error(
+            f"--host {args.host} serves beyond this machine, which needs a token: set REALTIME_TOKEN, e.g.\n"
+            f"  {TOKEN_HINT}\nand open the page as http://<this machine>:{args.port}/?token=<the token>"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    for name in ("uvicorn.access", "uvicorn.error"):  # not a line per connection: sessions log their own
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    os.environ.setdefault("ENABLED_MODES", DEFAULT_MODES)
+    if args.tiny:
+        from lib.testkit.models import use_tiny_weights
+
+        use_tiny_weights()
+    import uvicorn
+
+    from lib.engine.batcher import Batcher
+    from lib.engine.engine import Engine
+    from lib.engine.loading import choose_device
+    from lib.realtime.server import create_app
+
+    if choose_device().type == "cuda":
+        # One fixed size per mode: cuDNN autotuning and CUDA graphs pay off here (SPEED_*=0 turns them off).
+        os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
+        os.environ.setdefault("SPEED_CUDA_GRAPHS", "1")
+    settings = Settings()
+    try:
+        engine = Engine.from_env()
+    except Exception as e:  # setup's own message says what is missing and where
+        print(f"setup failed: {e}\n\nTo check the whole path offline on tiny random weights:\n"
+              "  scripts/realtime.sh --tiny", file=sys.stderr)  # fmt: skip
+        return 1
+    batcher = Batcher(engine, window=settings.realtime_batch_window_ms / 1000)
+    if engine.switches.warmup:
+        batcher.warm_up(img2img=True)
+    app = create_app(engine, batcher, settings)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    token = "?token=<REALTIME_TOKEN>" if settings.realtime_token else ""
+    log.info("realtime: serving %s; open http://%s:%d/%s", ", ".join(engine.enabled), shown, args.port, token)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ws="websockets-sansio",
+        # Up to 4x the limit is read and answered with an error; larger messages close the socket (1009).
+        ws_max_size=4 * settings.realtime_max_message_bytes,
+        log_config=None,
+        lifespan="off",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
