@@ -10,8 +10,9 @@ Steps, each written to OUT/gpu_check.json as soon as it ends (a run cut short ke
 3. budget: setup() with DEVICE_MEMORY_BUDGET=24GB (every mode, the safety checker on): setup time, the memory plan,
    then one prediction per mode in an order that makes it move modes, and the peak device memory.
 4. goals: the default path with every mode resident: the performance goals, p50/p95 over repeated predictions.
-5. plain: SPEED=0 (the plain diffusers path) on the sd-turbo and sdxl-turbo goals.
-6. compiled: SPEED_COMPILE=unet,vae with CUDA graphs on the sd-turbo goals, if the time left allows.
+5. realtime: the realtime server on sd-turbo 512 (1 and 4 clients, img2img with TAESD) against the engine direct.
+6. plain: SPEED=0 (the plain diffusers path) on the sd-turbo and sdxl-turbo goals.
+7. compiled: SPEED_COMPILE=unet,vae with CUDA graphs on the sd-turbo goals, if the time left allows.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class Check:
             "SPEED_CUDA_GRAPHS": "",
             "SPEED_COMPILE_MODE": "",
             "SPEED_COMPILE_BACKEND": "",
+            "SPEED_CUDNN_BENCHMARK": "",
         }
         if self.dry:
             base["SPEED_COMPILE_BACKEND"] = "eager"  # inductor takes minutes on a CPU; eager checks the plumbing
@@ -218,6 +220,22 @@ class Check:
             result["cases"][goal["name"]] = self._measure(p, goal)
             self.save()
         result["peak_gb"] = self.peak_gb()
+        del p
+        return result
+
+    def realtime(self) -> dict:
+        """The realtime server on sd-turbo 512, 1 step, img2img with TAESD (lib/bench/realtime.py): frames/s and
+        latency for 1 and 4 clients against the engine direct, with cuDNN autotuning on as the server has it
+        (CUDA graphs are the compiled step's)."""
+        from lib.bench import realtime
+        from lib.engine.batcher import Batcher
+
+        p = self.predictor({"ENABLED_MODES": "sd-turbo", "SPEED_CUDNN_BENCHMARK": "1"})
+        batcher = Batcher(p.engine, window=Settings().realtime_batch_window_ms / 1000)
+        batcher.warm_up(img2img=True)
+        result = realtime.measure(p.engine, batcher, Settings(), "sd-turbo", 1, [1, 4], 2 if self.dry else 8)
+        result["goals"] = realtime.GOALS
+        print(realtime.table(result), flush=True)
         del p
         return result
 
@@ -310,6 +328,7 @@ def main(argv=None) -> int:
         return 1
     check.step("budget", check.budget, need_s=60)
     check.step("goals", lambda: check.goals({}), need_s=60)
+    check.step("realtime", check.realtime, need_s=60)
     check.step(
         "plain",
         lambda: check.goals({"SPEED": "0", "ENABLED_MODES": "sd-turbo,sdxl-turbo"}, {"sd-turbo", "sdxl-turbo"}),
