@@ -142,7 +142,7 @@ def test_two_clients_each_get_their_own_frames(realtime_server):
 
 BAD_MESSAGES = [
     ("not json", "message: not JSON"),
-    ("[1, 2]", "message: list is not a JSON object of settings"),
+    ("[1, 2]", "message: list is not a JSON object; send a JSON object of settings: prompt, mode"),
     ('{"colour": "red"}', "message: unknown setting(s) 'colour'; allowed: prompt, mode, num_inference_steps"),
     ('{"num_inference_steps": 9}', "num_inference_steps: 9 is not allowed for mode sd-turbo; allowed: 1 to 4"),
     ('{"strength": "lots"}', "strength: 'lots' is not a finite number"),

@@ -14,13 +14,11 @@ a Markdown table (ratios against direct at the same batch size, or batch 1) and 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
 import os
 import time
-from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -167,13 +165,11 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny random weights (CPU figures)")
-    parser.add_argument("--mode", default="sd-turbo")
+    from lib.bench.throughput import clients_parser
+
+    parser = clients_parser(__doc__, "1,4")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--clients", default="1,4")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
     os.environ["ENABLED_MODES"] = args.mode

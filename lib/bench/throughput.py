@@ -46,14 +46,20 @@ async def measure(predictor, inputs: dict, clients: int, requests: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def clients_parser(doc: str, clients: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of concurrent clients (this one, lib/bench/realtime.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="build tiny random weights and run on them")
     parser.add_argument("--mode", default="sd-turbo")
+    parser.add_argument("--clients", default=clients, help=f"comma-separated client counts (default {clients})")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    return parser
+
+
+def main() -> None:
+    parser = clients_parser(__doc__, "1,4,8,16")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
     clients = [int(c) for c in args.clients.split(",")]

@@ -19,6 +19,7 @@ from typing import Callable
 
 import requests
 
+from lib.jsontext import json_object
 from lib.jobs.ledger import RESUBMITTABLE, TERMINAL, Ledger
 from lib.settings import Settings
 
@@ -39,11 +40,9 @@ def read_jobs(path: str | Path) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json_object(line)
         except ValueError as e:
-            raise JobsError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise JobsError(f"{path}:{n}: expected a JSON object")
+            raise JobsError(f"{path}:{n}: {e}") from None
         key, data = (str(obj.get("id") or f"line-{n}"), obj["input"]) if "input" in obj else (f"line-{n}", obj)
         if not isinstance(data, dict) or not KEY_RE.match(key):
             raise JobsError(f"{path}:{n}: 'input' must be an object and 'id' match {KEY_RE.pattern}")

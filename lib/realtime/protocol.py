@@ -11,7 +11,6 @@ as one binary message (REALTIME_FRAME_FORMAT) right after its `frame` message.
 from __future__ import annotations
 
 import io
-import json
 import time
 
 from PIL import Image, UnidentifiedImageError
@@ -19,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from lib.engine import inputs
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
+from lib.jsontext import json_object
 
 MAX_TEXT_BYTES = 64 * 1024  # settings are small: a prompt is at most inputs.MAX_PROMPT_CHARS characters
 PICTURE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -78,11 +78,9 @@ def parse_settings(text: str) -> dict:
     if len(text.encode()) > MAX_TEXT_BYTES:
         raise InputError(f"message: {len(text.encode())} bytes of text is too long; allowed: up to {MAX_TEXT_BYTES}")
     try:
-        changes = json.loads(text)
+        changes = json_object(text)
     except ValueError as e:
-        raise InputError(f"message: not JSON ({e}); send a JSON object of settings: {', '.join(PARAMS)}") from None
-    if not isinstance(changes, dict):
-        raise InputError(f"message: {type(changes).__name__} is not a JSON object of settings: {', '.join(PARAMS)}")
+        raise InputError(f"message: {e}; send a JSON object of settings: {', '.join(PARAMS)}") from None
     unknown = [k for k in changes if k not in PARAMS]
     if unknown:
         raise InputError(f"message: unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(PARAMS)}")
