@@ -187,6 +187,7 @@ def main() -> None:
     if torch.cuda.is_available():  # as the realtime server runs (lib/realtime/cli.py)
         os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
         os.environ.setdefault("SPEED_CUDA_GRAPHS", "1")
+        os.environ.setdefault("SPEED_COMPILE_MODE", "reduce-overhead")
     settings = Settings()
     engine = Engine.from_env()
     batcher = Batcher(engine, window=settings.realtime_batch_window_ms / 1000)

@@ -52,7 +52,7 @@ class PromptCache:
         return len(self._entries)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as the pipelines encode; not inference_mode: its tensors may not meet compiled modules later
 def encode_one(pipe, family: str, prompt: str, negative: str | None, cfg: bool) -> dict[str, torch.Tensor]:
     """One prompt's embeddings (batch 1), keyed by the pipeline argument each one goes to."""
     device = pipe._execution_device
