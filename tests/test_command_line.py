@@ -79,3 +79,15 @@ def test_the_script_refuses_a_bad_value_before_setup(tmp_path):
     )
     assert r.returncode == 2 and "invalid input: fast_decode: 'nope' is not true or false" in r.stderr, r.stderr
     assert "setup failed" not in r.stderr
+
+
+def test_the_readmes_snippet_reads_an_outputs_settings(predictor, tmp_path):
+    """The README's Python block, run as a user would (python in the repository), on a file a prediction wrote."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'read_settings("outputs/out-0-1234.webp")' in snippet
+    paths, _ = run_raw(predictor, output_format="webp")
+    code = snippet.replace('read_settings("outputs/out-0-1234.webp")', f"print(read_settings({str(paths[0])!r}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "'prompt': 'a red fox'" in r.stdout and "'seed': 5" in r.stdout, r.stdout
