@@ -33,6 +33,7 @@ GENERAL_CASES = [
     pytest.param(dict(prompt="   "), "prompt", id="blank-prompt"),
     pytest.param(dict(prompt="x" * 10_001), "prompt", id="prompt-too-long"),
     pytest.param(dict(mode="sd3"), "mode", id="unknown-mode"),
+    pytest.param(dict(mode=["sd-turbo"]), "mode", id="mode-a-list"),  # a jobs file's JSON can carry one
     pytest.param(dict(width=260), "width", id="width-not-multiple-of-8"),
     pytest.param(dict(height=100), "height", id="height-too-small"),
     pytest.param(dict(width=4096), "width", id="width-too-large"),

@@ -130,7 +130,7 @@ def _lora_url(value) -> str | None:
 
 
 def resolve_mode(name, enabled: tuple[str, ...]) -> Mode:
-    if name not in MODES:
+    if not isinstance(name, str) or name not in MODES:  # a JSON list or object is no mode (and not hashable)
         raise InputError(f"mode: {name!r} is not a mode; allowed: {', '.join(MODES)}")
     if name not in enabled:
         raise InputError(f"mode: {name!r} is not enabled on this server (ENABLED_MODES); enabled: {', '.join(enabled)}")
