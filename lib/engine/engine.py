@@ -181,7 +181,8 @@ class Engine:
         if request.img2img != (picture is not None):
             raise ValueError("an img2img request needs its picture, and only an img2img request takes one")
         if picture is not None:
-            picture = images.fit_image(picture.convert("RGB"), request.width, request.height)
+            rgb = picture if picture.mode == "RGB" else picture.convert("RGB")  # convert() copies even RGB
+            picture = images.fit_image(rgb, request.width, request.height)
         lora = None
         if request.lora_url:
             lora = fetch_lora(request.lora_url)
