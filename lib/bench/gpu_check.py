@@ -228,10 +228,10 @@ class Check:
         latency for 1 and 4 clients against the engine direct, with cuDNN autotuning on as the server has it
         (CUDA graphs are the compiled step's)."""
         from lib.bench import realtime
-        from lib.engine.batcher import Batcher
+        from lib.realtime.server import new_batcher
 
         p = self.predictor({"ENABLED_MODES": "sd-turbo", "SPEED_CUDNN_BENCHMARK": "1"})
-        batcher = Batcher(p.engine, window=Settings().realtime_batch_window_ms / 1000)
+        batcher = new_batcher(p.engine, Settings())
         batcher.warm_up(img2img=True)
         result = realtime.measure(p.engine, batcher, Settings(), "sd-turbo", 1, [1, 4], 2 if self.dry else 8)
         result["goals"] = realtime.GOALS

@@ -177,20 +177,16 @@ def main() -> None:
         from lib.testkit.models import use_tiny_weights
 
         use_tiny_weights()
-    import torch
-
     from lib.bench.device import device_info
-    from lib.engine.batcher import Batcher
     from lib.engine.engine import Engine
+    from lib.realtime.cli import use_fast_path
+    from lib.realtime.server import new_batcher
     from lib.settings import Settings
 
-    if torch.cuda.is_available():  # as the realtime server runs (lib/realtime/cli.py)
-        os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
-        os.environ.setdefault("SPEED_CUDA_GRAPHS", "1")
-        os.environ.setdefault("SPEED_COMPILE_MODE", "reduce-overhead")
+    use_fast_path()  # as the realtime server runs
     settings = Settings()
     engine = Engine.from_env()
-    batcher = Batcher(engine, window=settings.realtime_batch_window_ms / 1000)
+    batcher = new_batcher(engine, settings)
     batcher.warm_up(img2img=True)
     clients = [int(c) for c in args.clients.split(",")]
     results = measure(engine, batcher, settings, args.mode, args.steps, clients, args.seconds)

@@ -18,6 +18,18 @@ DEFAULT_MODES = "sd-turbo"  # without ENABLED_MODES: the fastest mode, and the s
 TOKEN_HINT = "export REALTIME_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
 
 
+def use_fast_path() -> None:
+    """On CUDA, the realtime defaults (before the engine reads its settings; SPEED_*=0 turns each off): one fixed
+    size per mode, so cuDNN autotuning and CUDA graphs pay off; reduce-overhead mode gives CUDA graphs without
+    max-autotune's minutes of kernel tuning at every start."""
+    from lib.engine.loading import choose_device
+
+    if choose_device().type == "cuda":
+        os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
+        os.environ.setdefault("SPEED_CUDA_GRAPHS", "1")
+        os.environ.setdefault("SPEED_COMPILE_MODE", "reduce-overhead")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/realtime.sh", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
@@ -44,17 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         use_tiny_weights()
     import uvicorn
 
-    from lib.engine.batcher import Batcher
     from lib.engine.engine import Engine
-    from lib.engine.loading import choose_device
-    from lib.realtime.server import create_app
+    from lib.realtime.server import create_app, new_batcher, uvicorn_options
 
-    if choose_device().type == "cuda":
-        # One fixed size per mode: cuDNN autotuning and CUDA graphs pay off here (SPEED_*=0 turns them off).
-        # reduce-overhead: CUDA graphs without max-autotune's minutes of kernel tuning at every start.
-        os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
-        os.environ.setdefault("SPEED_CUDA_GRAPHS", "1")
-        os.environ.setdefault("SPEED_COMPILE_MODE", "reduce-overhead")
+    use_fast_path()
     settings = Settings()
     try:
         engine = Engine.from_env()
@@ -62,23 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"setup failed: {e}\n\nTo check the whole path offline on tiny random weights:\n"
               "  scripts/realtime.sh --tiny", file=sys.stderr)  # fmt: skip
         return 1
-    batcher = Batcher(engine, window=settings.realtime_batch_window_ms / 1000)
+    batcher = new_batcher(engine, settings)
     if engine.switches.warmup:
         batcher.warm_up(img2img=True)
     app = create_app(engine, batcher, settings)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     token = "?token=<REALTIME_TOKEN>" if settings.realtime_token else ""
     log.info("realtime: serving %s; open http://%s:%d/%s", ", ".join(engine.enabled), shown, args.port, token)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        ws="websockets-sansio",
-        # Up to 4x the limit is read and answered with an error; larger messages close the socket (1009).
-        ws_max_size=4 * settings.realtime_max_message_bytes,
-        log_config=None,
-        lifespan="off",
-    )
+    uvicorn.run(app, host=args.host, port=args.port, **uvicorn_options(settings))
     return 0
 
 

@@ -41,6 +41,16 @@ def first_mode(enabled: tuple[str, ...]) -> str:
     return DEFAULT_MODE if DEFAULT_MODE in enabled else enabled[0]
 
 
+def defaults(enabled: tuple[str, ...]) -> dict:
+    """The settings a session starts from."""
+    return {**PARAMS, "mode": first_mode(enabled)}
+
+
+def is_empty(prompt) -> bool:
+    """An empty prompt draws nothing (a prompt that is not text is an error, raised when the request is built)."""
+    return isinstance(prompt, str) and not prompt.strip()
+
+
 def hello(enabled: tuple[str, ...], tiny_vae: dict[str, bool], settings, safety_checker: bool) -> dict:
     """The first message: what the page's controls may offer, from the mode table (enabled modes only)."""
     modes = []
@@ -61,7 +71,7 @@ def hello(enabled: tuple[str, ...], tiny_vae: dict[str, bool], settings, safety_
     return {
         "type": "hello",
         "modes": modes,
-        "defaults": {**PARAMS, "mode": first_mode(enabled)},
+        "defaults": defaults(enabled),
         "strength": {"min": lo, "max": hi},
         "seed": {"min": inputs.SEED_RANGE[0], "max": inputs.SEED_RANGE[1]},
         "frame_type": FRAME_TYPES[settings.realtime_frame_format],
@@ -91,11 +101,9 @@ def build_request(params: dict, enabled: tuple[str, ...], frame_format: str, qua
     """The frame's request at the mode's fixed size, or None while the prompt is empty (nothing to draw; the other
     settings are checked all the same)."""
     prompt = params["prompt"]
-    empty = isinstance(prompt, str) and not prompt.strip()
+    empty = is_empty(prompt)
     mode = params["mode"] or first_mode(enabled)
-    if not isinstance(mode, str):
-        raise InputError(f"mode: {mode!r} is not a mode; allowed: {', '.join(enabled)}")
-    size = MODES[mode].size if mode in MODES else None
+    size = inputs.resolve_mode(mode, enabled).size
     img2img = params["img2img"]
     if not isinstance(img2img, bool):
         raise InputError(f"img2img: {img2img!r} is not true or false")
@@ -108,7 +116,7 @@ def build_request(params: dict, enabled: tuple[str, ...], frame_format: str, qua
         height=size,
         num_inference_steps=params["num_inference_steps"],
         seed=params["seed"],
-        image_size=(size, size) if img2img and size else None,
+        image_size=(size, size) if img2img else None,
         strength=params["strength"],
         output_format=frame_format,
         output_quality=quality,

@@ -66,11 +66,27 @@ def refusal(headers, query, token: str | None, allowed_origins: set[str]) -> str
     return None
 
 
+def new_batcher(engine: Engine, settings) -> Batcher:
+    """The batcher every session's frames go through, with the realtime batching window."""
+    return Batcher(engine, window=settings.realtime_batch_window_ms / 1000)
+
+
+def uvicorn_options(settings) -> dict:
+    """uvicorn.run / uvicorn.Config options for the app (its host and port aside)."""
+    return {
+        "ws": "websockets-sansio",
+        # Up to 4x the limit is read and answered with an error; larger messages close the socket (1009).
+        "ws_max_size": 4 * settings.realtime_max_message_bytes,
+        "log_config": None,
+        "lifespan": "off",
+    }
+
+
 def create_app(engine: Engine, batcher: Batcher, settings) -> Starlette:
     token = settings.realtime_token
     allowed = {o.strip().rstrip("/") for o in (settings.realtime_allowed_origins or "").split(",") if o.strip()}
     max_sessions = settings.realtime_max_sessions
-    sessions: dict[int, Session] = {}
+    sessions: set[int] = set()  # the open sessions' numbers
     numbers = itertools.count(1)
 
     async def page(request):
@@ -102,7 +118,7 @@ def create_app(engine: Engine, batcher: Batcher, settings) -> Starlette:
             send_text=lambda message: ws.send_text(json.dumps(message)),
             send_bytes=ws.send_bytes,
         )
-        sessions[number] = session
+        sessions.add(number)
         log.info("realtime session %d (%s) opened", number, peer)
         worker = asyncio.create_task(session.run())
         try:
@@ -122,7 +138,7 @@ def create_app(engine: Engine, batcher: Batcher, settings) -> Starlette:
                 pass  # canceled here, or a send that met the closed socket
             except Exception:
                 log.exception("realtime session %d: its frames stopped", number)
-            del sessions[number]
+            sessions.remove(number)
             session.log_figures("closed")
 
     return Starlette(

@@ -15,13 +15,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from PIL import Image
+
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine, Job
 from lib.engine.inputs import InputError, Request
 from lib.engine.safety import AllImagesFlagged
 from lib.realtime import protocol
 from lib.realtime.protocol import RateLimit
-from lib.stats import percentile
+from lib.stats import stats_ms
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ class Session:
         self._send_text, self._send_bytes = send_text, send_bytes
         self._sending = asyncio.Lock()  # a frame's two messages go out together
         self.limit = RateLimit(self.rate)
-        self.params = {**protocol.PARAMS, "mode": protocol.first_mode(self.enabled)}
+        self.params = protocol.defaults(self.enabled)
         self.picture: bytes | None = None
+        self._decoded: tuple[bytes, Image.Image] | None = None  # the latest picture decoded, for its next frames
         self.pending: Work | None = None
         self._wake = asyncio.Event()
         self.started = self._logged = time.perf_counter()
@@ -110,7 +113,7 @@ class Session:
         if self.pending is not None:
             self.dropped += 1
             self.pending = None
-        if isinstance(self.params["prompt"], str) and not self.params["prompt"].strip():
+        if protocol.is_empty(self.params["prompt"]):
             return  # nothing to draw: an empty prompt makes no frame (and cancels the waiting one)
         picture = self.picture if self.params["img2img"] else None
         self.pending = Work(dict(self.params), picture, number, time.perf_counter())
@@ -130,7 +133,10 @@ class Session:
     async def _frame(self, work: Work) -> None:
         try:
             request = protocol.build_request(work.params, self.enabled, self.format, self.quality)
-            job = await asyncio.to_thread(self._job, request, work.picture)  # decoding a picture takes a few ms
+            if request.img2img:  # decoding a picture takes a few ms: off the event loop
+                job = await asyncio.to_thread(self._job, request, work.picture)
+            else:
+                job = self._job(request, None)
             outputs = await self.batcher.results(job)
         except AllImagesFlagged as e:
             self.flagged += 1
@@ -167,7 +173,11 @@ class Session:
             await self._send_bytes(output.data)
 
     def _job(self, request: Request, picture: bytes | None) -> Job:
-        image = protocol.decode_picture(picture) if request.img2img else None
+        image = None
+        if picture is not None:  # decoded once, however many frames start from it (typing over a painting)
+            if self._decoded is None or self._decoded[0] is not picture:
+                self._decoded = (picture, protocol.decode_picture(picture))
+            image = self._decoded[1]
         return self.engine.job(request, None, picture=image, quiet=True)
 
     # -- replies and figures ---------------------------------------------------------------------------------------
@@ -180,7 +190,7 @@ class Session:
         await self.send({"type": "error", "input": number, "message": message})
 
     def figures(self) -> dict:
-        ms = sorted(s * 1000 for s in self.latencies)
+        latency = stats_ms(list(self.latencies)) if self.latencies else {"p50": None, "p95": None}
         elapsed = time.perf_counter() - self.started
         return {
             "seconds": round(elapsed, 1),
@@ -191,8 +201,8 @@ class Session:
             "refused": self.refused,
             "errors": self.errors,
             "flagged": self.flagged,
-            "p50_ms": round(percentile(ms, 0.5), 1) if ms else None,
-            "p95_ms": round(percentile(ms, 0.95), 1) if ms else None,
+            "p50_ms": latency["p50"],
+            "p95_ms": latency["p95"],
         }
 
     def log_figures(self, state: str) -> None:

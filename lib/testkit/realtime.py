@@ -118,16 +118,11 @@ def serve_in_thread(engine, batcher, settings):
     URL, the uvicorn Server: set `should_exit` to stop it)."""
     import uvicorn
 
-    from lib.realtime.server import create_app
+    from lib.realtime.server import create_app, uvicorn_options
 
     port = free_port()
     config = uvicorn.Config(
-        create_app(engine, batcher, settings),
-        host="127.0.0.1",
-        port=port,
-        ws="websockets-sansio",
-        log_config=None,
-        lifespan="off",
+        create_app(engine, batcher, settings), host="127.0.0.1", port=port, **uvicorn_options(settings)
     )
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, daemon=True, name="realtime-server").start()
