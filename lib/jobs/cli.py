@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-
 from lib.jobs import runner as jobs
-from lib.jobs.receiver import Receiver
 from lib.jobs.ledger import TERMINAL, Ledger
+from lib.jobs.receiver import Receiver
 from lib.jobs.webhooks import DEFAULT_TOLERANCE, Authenticator
 from lib.settings import Settings
 
@@ -46,8 +44,9 @@ def backend_from(args):
 
 def cmd_receive(args) -> int:
     settings = Settings()
-    auth = Authenticator(secret=settings.replicate_webhook_secret, token=settings.webhook_auth_token,
-                         tolerance=args.tolerance)
+    auth = Authenticator(
+        secret=settings.replicate_webhook_secret, token=settings.webhook_auth_token, tolerance=args.tolerance
+    )
     receiver = Receiver(args.ledger, args.out, auth, log=say)
     server = receiver.server(args.host, args.port)
     host, port = server.server_address[:2]
@@ -99,8 +98,10 @@ def cmd_status(args) -> int:
     for j in rows:
         files = sum(1 for p in j["outputs"] if p and Path(p).is_file())
         secs = j["timings"].get("predict_time")
-        say(f"{j['key'][:24]:24} {j['state']:13} {j['attempt']:>3} {files:>5} "
-            f"{'' if secs is None else f'{secs:.2f}':>8}  {(j['error'] or '')[:80]}")
+        say(
+            f"{j['key'][:24]:24} {j['state']:13} {j['attempt']:>3} {files:>5} "
+            f"{'' if secs is None else f'{secs:.2f}':>8}  {(j['error'] or '')[:80]}"
+        )
     counts = ledger.counts()
     say(f"{len(rows)} job(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
@@ -108,21 +109,30 @@ def cmd_status(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ledger", type=Path, default=Settings().jobs_ledger,
-                        help="the SQLite ledger (default: $JOBS_LEDGER or jobs/ledger.sqlite)")
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        default=Settings().jobs_ledger,
+        help="the SQLite ledger (default: $JOBS_LEDGER or jobs/ledger.sqlite)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("receive", help="run the webhook receiver")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 behind a proxy)")
     p.add_argument("--port", type=int, default=8787)
-    p.add_argument("--out", type=Path, default=Settings().jobs_outputs,
-                   help="where images go: OUT/<job>/<index>.<ext>")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="seconds a signed webhook's timestamp may be off (default %(default)s)")
+    p.add_argument("--out", type=Path, default=Settings().jobs_outputs, help="where images go: OUT/<job>/<index>.<ext>")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="seconds a signed webhook's timestamp may be off (default %(default)s)",
+    )
     p.set_defaults(func=cmd_receive)
 
-    for name, func, helptext in (("submit", cmd_submit, "send a JSONL batch"),
-                                 ("resubmit", cmd_resubmit, "send failed, canceled or refused jobs again")):
+    for name, func, helptext in (
+        ("submit", cmd_submit, "send a JSONL batch"),
+        ("resubmit", cmd_resubmit, "send failed, canceled or refused jobs again"),
+    ):
         p = sub.add_parser(name, help=helptext)
         if name == "submit":
             p.add_argument("file", type=Path, help="JSONL: one input object per line (or {id, input})")
@@ -133,10 +143,21 @@ def main(argv=None) -> int:
         p.add_argument("--model", help="Replicate model owner/name[:version] (REPLICATE_API_TOKEN)")
         p.add_argument("--version", help="Replicate model version id")
         p.add_argument("--deployment", help="Replicate deployment owner/name")
-        p.add_argument("--patience", type=float, default=600,
-                       help="seconds to keep retrying while the server is busy or unreachable (default %(default)s)")
-        p.add_argument("--wait", type=float, nargs="?", const=3600, default=None, metavar="SECONDS",
-                       help="wait until every job is done (exit 1 unless all succeeded)")
+        p.add_argument(
+            "--patience",
+            type=float,
+            default=600,
+            help="seconds to keep retrying while the server is busy or unreachable (default %(default)s)",
+        )
+        p.add_argument(
+            "--wait",
+            type=float,
+            nargs="?",
+            const=3600,
+            default=None,
+            metavar="SECONDS",
+            help="wait until every job is done (exit 1 unless all succeeded)",
+        )
         p.set_defaults(func=func)
 
     p = sub.add_parser("status", help="the ledger: every job's state, files, timing and error")

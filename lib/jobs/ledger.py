@@ -18,8 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TERMINAL = ("succeeded", "failed", "canceled")
-RANK = {"pending": 0, "submit_failed": 0, "submitted": 1, "starting": 2, "processing": 3,
-        "succeeded": 4, "failed": 4, "canceled": 4}
+RANK = {
+    "pending": 0,
+    "submit_failed": 0,
+    "submitted": 1,
+    "starting": 2,
+    "processing": 3,
+    "succeeded": 4,
+    "failed": 4,
+    "canceled": 4,
+}
 RESUBMITTABLE = ("failed", "canceled", "submit_failed")
 
 SCHEMA = """
@@ -57,9 +65,12 @@ def _row(r: sqlite3.Row | None) -> dict | None:
     d = dict(r)
     for k in ("input", "outputs", "metrics"):
         d[k] = json.loads(d[k]) if d[k] is not None else None
-    d["timings"] = {"queue_and_run_seconds": round(d["completed_at"] - d["submitted_at"], 3)
-                    if d["completed_at"] and d["submitted_at"] else None,
-                    **((d["metrics"] or {}).get("timings") or {})}
+    d["timings"] = {
+        "queue_and_run_seconds": round(d["completed_at"] - d["submitted_at"], 3)
+        if d["completed_at"] and d["submitted_at"]
+        else None,
+        **((d["metrics"] or {}).get("timings") or {}),
+    }
     if (d["metrics"] or {}).get("predict_time") is not None:
         d["timings"]["predict_time"] = d["metrics"]["predict_time"]
     return d
@@ -108,30 +119,41 @@ class Ledger:
         """Add a job (state pending, attempt 0); False if the key is already in the ledger."""
         now = time.time()
         with self.transaction() as db:
-            cur = db.execute("INSERT OR IGNORE INTO jobs (key, input, state, added_at, updated_at) "
-                             "VALUES (?, ?, 'pending', ?, ?)", (key, json.dumps(input, sort_keys=True), now, now))
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (key, input, state, added_at, updated_at) VALUES (?, ?, 'pending', ?, ?)",
+                (key, json.dumps(input, sort_keys=True), now, now),
+            )
             return cur.rowcount == 1
 
     def new_attempt(self, key: str, prediction_id: str | None = None) -> int:
         """Start attempt n+1 of a job (before it is sent): earlier attempts' late webhooks no longer apply."""
         with self.transaction() as db:
             now = time.time()
-            db.execute("UPDATE jobs SET attempt = attempt + 1, state = 'pending', prediction_id = ?, outputs = '[]', "
-                       "error = NULL, metrics = NULL, logs = NULL, submitted_at = ?, started_at = NULL, "
-                       "completed_at = NULL, updated_at = ? WHERE key = ?", (prediction_id, now, now, key))
+            db.execute(
+                "UPDATE jobs SET attempt = attempt + 1, state = 'pending', prediction_id = ?, outputs = '[]', "
+                "error = NULL, metrics = NULL, logs = NULL, submitted_at = ?, started_at = NULL, "
+                "completed_at = NULL, updated_at = ? WHERE key = ?",
+                (prediction_id, now, now, key),
+            )
             return db.execute("SELECT attempt FROM jobs WHERE key = ?", (key,)).fetchone()[0]
 
     def submitted(self, key: str, attempt: int, prediction_id: str) -> None:
         """The server accepted the attempt. Webhooks may have come first: the state only moves forward."""
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET prediction_id = ?, updated_at = ?, "
-                       "state = CASE WHEN state = 'pending' THEN 'submitted' ELSE state END "
-                       "WHERE key = ? AND attempt = ?", (prediction_id, time.time(), key, attempt))
+            db.execute(
+                "UPDATE jobs SET prediction_id = ?, updated_at = ?, "
+                "state = CASE WHEN state = 'pending' THEN 'submitted' ELSE state END "
+                "WHERE key = ? AND attempt = ?",
+                (prediction_id, time.time(), key, attempt),
+            )
 
     def submit_failed(self, key: str, attempt: int, error: str) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET state = 'submit_failed', error = ?, updated_at = ? "
-                       "WHERE key = ? AND attempt = ? AND state = 'pending'", (error, time.time(), key, attempt))
+            db.execute(
+                "UPDATE jobs SET state = 'submit_failed', error = ?, updated_at = ? "
+                "WHERE key = ? AND attempt = ? AND state = 'pending'",
+                (error, time.time(), key, attempt),
+            )
 
     # -- the receiver's side --------------------------------------------------------------------------------
     def seen(self, dedup: str) -> bool:
@@ -156,8 +178,11 @@ class Ledger:
             else:
                 outcome = "applied"
                 self._merge(db, job, payload, files, now)
-            db.execute("INSERT INTO events (dedup, job, attempt, prediction_id, status, outcome, received_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (dedup, key, attempt, pid, status, outcome, now))
+            db.execute(
+                "INSERT INTO events (dedup, job, attempt, prediction_id, status, outcome, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dedup, key, attempt, pid, status, outcome, now),
+            )
             return outcome
 
     @staticmethod
@@ -174,8 +199,20 @@ class Ledger:
         metrics = payload.get("metrics") or {}
         if not terminal:
             metrics = {**(job["metrics"] or {}), **metrics}
-        db.execute("UPDATE jobs SET state = ?, prediction_id = COALESCE(prediction_id, ?), outputs = ?, error = ?, "
-                   "metrics = ?, logs = ?, started_at = COALESCE(started_at, ?), completed_at = ?, updated_at = ? "
-                   "WHERE key = ?",
-                   (status, payload.get("id"), json.dumps(outputs), payload.get("error") if terminal else None,
-                    json.dumps(metrics), logs, now, now if terminal else None, now, job["key"]))
+        db.execute(
+            "UPDATE jobs SET state = ?, prediction_id = COALESCE(prediction_id, ?), outputs = ?, error = ?, "
+            "metrics = ?, logs = ?, started_at = COALESCE(started_at, ?), completed_at = ?, updated_at = ? "
+            "WHERE key = ?",
+            (
+                status,
+                payload.get("id"),
+                json.dumps(outputs),
+                payload.get("error") if terminal else None,
+                json.dumps(metrics),
+                logs,
+                now,
+                now if terminal else None,
+                now,
+                job["key"],
+            ),
+        )

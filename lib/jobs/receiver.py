@@ -10,7 +10,6 @@ import binascii
 import http.server
 import json
 import mimetypes
-import os
 import re
 import threading
 import urllib.parse
@@ -21,7 +20,7 @@ import requests
 
 from lib.atomic import write_atomically
 from lib.jobs.ledger import TERMINAL, Ledger
-from lib.jobs.webhooks import AuthError, Authenticator
+from lib.jobs.webhooks import Authenticator, AuthError
 
 MAX_BODY = 512 * 2**20  # 8 lossless 2048x2048 images as data URIs fit easily
 EXTENSIONS = {"image/webp": "webp", "image/jpeg": "jpg", "image/png": "png"}

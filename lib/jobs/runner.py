@@ -8,8 +8,6 @@ which attempt of it) a message is about before the runner has even heard back fr
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import secrets
 import time
@@ -19,8 +17,8 @@ from typing import Callable
 
 import requests
 
-from lib.jsontext import json_object
 from lib.jobs.ledger import RESUBMITTABLE, TERMINAL, Ledger
+from lib.jsontext import json_object
 from lib.settings import Settings
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -70,8 +68,9 @@ class CogBackend:
     def create(self, prediction_id: str, input: dict, webhook: str) -> str:
         body = {"id": prediction_id, "input": input, "webhook": webhook, "webhook_events_filter": EVENTS}
         try:
-            r = requests.post(f"{self.url}/predictions", json=body, headers={"Prefer": "respond-async"},
-                              timeout=self.timeout)
+            r = requests.post(
+                f"{self.url}/predictions", json=body, headers={"Prefer": "respond-async"}, timeout=self.timeout
+            )
         except requests.RequestException as e:
             raise Busy(f"cannot reach {self.url}: {e}") from None
         if r.status_code in (409, 429, 503):
@@ -87,8 +86,14 @@ class ReplicateBackend:
     name = "replicate"
     chooses_id = False
 
-    def __init__(self, model: str | None = None, version: str | None = None, deployment: str | None = None,
-                 token: str | None = None, base_url: str | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        version: str | None = None,
+        deployment: str | None = None,
+        token: str | None = None,
+        base_url: str | None = None,
+    ):
         import replicate
 
         if sum(bool(x) for x in (model, version, deployment)) != 1:
@@ -107,8 +112,13 @@ class ReplicateBackend:
         self.model, self.version, self.deployment = model, version, deployment
 
     def create(self, prediction_id: str | None, input: dict, webhook: str) -> str:
-        target = ({"deployment": self.deployment} if self.deployment else {"model": self.model} if self.model
-                  else {"version": self.version})
+        target = (
+            {"deployment": self.deployment}
+            if self.deployment
+            else {"model": self.model}
+            if self.model
+            else {"version": self.version}
+        )
         try:
             p = self.client.predictions.create(input=input, webhook=webhook, webhook_events_filter=EVENTS, **target)
         except self.replicate.exceptions.ReplicateError as e:
@@ -123,8 +133,9 @@ def webhook_url(base: str, key: str, attempt: int) -> str:
     return f"{base}{sep}{urllib.parse.urlencode({'job': key, 'attempt': attempt})}"
 
 
-def submit_one(ledger: Ledger, backend, key: str, input: dict, webhook: str, patience: float = 600,
-               log: Callable = print) -> bool:
+def submit_one(
+    ledger: Ledger, backend, key: str, input: dict, webhook: str, patience: float = 600, log: Callable = print
+) -> bool:
     """Send one attempt of a job; waits (up to `patience` s) while the server is busy. True if accepted."""
     pid = f"{key}-{secrets.token_hex(4)}" if backend.chooses_id else None
     attempt = ledger.new_attempt(key, pid)
@@ -150,8 +161,9 @@ def submit_one(ledger: Ledger, backend, key: str, input: dict, webhook: str, pat
         return True
 
 
-def submit_batch(ledger: Ledger, backend, jobs: list[tuple[str, dict]], webhook: str, log: Callable = print,
-                 patience: float = 600) -> dict:
+def submit_batch(
+    ledger: Ledger, backend, jobs: list[tuple[str, dict]], webhook: str, log: Callable = print, patience: float = 600
+) -> dict:
     """Add the jobs to the ledger and send those never sent; jobs already in the ledger are left alone."""
     sent = skipped = refused = 0
     for key, data in jobs:
@@ -167,8 +179,9 @@ def submit_batch(ledger: Ledger, backend, jobs: list[tuple[str, dict]], webhook:
     return {"sent": sent, "skipped": skipped, "refused": refused}
 
 
-def resubmit(ledger: Ledger, backend, webhook: str, states=RESUBMITTABLE, log: Callable = print,
-             patience: float = 600) -> dict:
+def resubmit(
+    ledger: Ledger, backend, webhook: str, states=RESUBMITTABLE, log: Callable = print, patience: float = 600
+) -> dict:
     """Send a new attempt of every job in `states` (by default the ones that failed, were canceled or refused)."""
     sent = refused = 0
     for job in ledger.jobs(states):
@@ -179,8 +192,9 @@ def resubmit(ledger: Ledger, backend, webhook: str, states=RESUBMITTABLE, log: C
     return {"sent": sent, "refused": refused}
 
 
-def wait(ledger: Ledger, keys: list[str] | None = None, timeout: float = 3600, poll: float = 0.2,
-         log: Callable = print) -> dict[str, int]:
+def wait(
+    ledger: Ledger, keys: list[str] | None = None, timeout: float = 3600, poll: float = 0.2, log: Callable = print
+) -> dict[str, int]:
     """Until every job (or those in `keys`) is terminal or was refused; returns the state counts."""
     deadline, last = time.monotonic() + timeout, None
     while True:

@@ -42,15 +42,20 @@ def sign(secret: str, webhook_id: str, timestamp: int | str, body: bytes) -> str
 def signed_headers(secret: str, body: bytes, webhook_id: str | None = None, timestamp: int | None = None) -> dict:
     webhook_id = webhook_id or f"msg_{secrets.token_hex(12)}"
     timestamp = int(time.time()) if timestamp is None else timestamp
-    return {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret, webhook_id, timestamp, body)}
+    return {
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, webhook_id, timestamp, body),
+    }
 
 
-def verify_signature(headers, body: bytes, secret: str, tolerance: float = DEFAULT_TOLERANCE,
-                     now: float | None = None) -> str:
+def verify_signature(
+    headers, body: bytes, secret: str, tolerance: float = DEFAULT_TOLERANCE, now: float | None = None
+) -> str:
     """Check a Replicate webhook; returns its webhook-id. Raises AuthError."""
-    webhook_id, timestamp, signature = (headers.get(h) for h in ("webhook-id", "webhook-timestamp",
-                                                                  "webhook-signature"))
+    webhook_id, timestamp, signature = (
+        headers.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature")
+    )
     if not (webhook_id and timestamp and signature):
         raise AuthError("missing webhook-id, webhook-timestamp or webhook-signature header")
     try:
@@ -85,8 +90,10 @@ class Authenticator:
 
     def __init__(self, secret: str | None = None, token: str | None = None, tolerance: float = DEFAULT_TOLERANCE):
         if not (secret or token):
-            raise ValueError("the receiver needs a webhook signing secret (REPLICATE_WEBHOOK_SECRET) or a "
-                             "bearer token (WEBHOOK_AUTH_TOKEN): it never accepts unauthenticated webhooks")
+            raise ValueError(
+                "the receiver needs a webhook signing secret (REPLICATE_WEBHOOK_SECRET) or a "
+                "bearer token (WEBHOOK_AUTH_TOKEN): it never accepts unauthenticated webhooks"
+            )
         if secret:
             decode_secret(secret)
         self.secret, self.token, self.tolerance = secret, token, tolerance

@@ -1,0 +1,2 @@
+"""Async prediction jobs: the runner, the webhook receiver, the ledger, webhook authentication.
+Never imported by predict.py."""
