@@ -123,6 +123,29 @@ def test_modes_that_do_not_fit_wait_in_host_memory_and_move_in_when_asked(monkey
     assert resident_bytes <= residency.plan.weights_budget
 
 
+def test_a_mode_with_large_weights_and_small_activations_moves_in_and_leaves_room_for_the_others():
+    """Each mode fits the budget on its own (weights + its own working memory), but the weights budget keeps room
+    for the largest working memory: the heavy mode goes beyond it, so it runs with every other mode moved out."""
+    heavy, light = torch.nn.Linear(35, 50, bias=False), torch.nn.Linear(10, 10, bias=False)  # 7,000 and 400 bytes
+    modules = {"heavy": [heavy], "light": [light]}
+    plan = memory.make_plan(
+        {name: frozenset([name]) for name in modules},
+        {name: memory.module_bytes(ms[0]) for name, ms in modules.items()},
+        frozenset(),
+        working={"heavy": 1_000, "light": 5_000},
+        budget=10_000,
+        source="DEVICE_MEMORY_BUDGET",
+    )
+    assert plan.resident == ("light",) and plan.weights_budget < 7_000
+    residency = memory.Residency(plan, modules, CPU)
+    seconds, evicted = residency.ensure("heavy")
+    assert seconds >= 0 and evicted == ["light"] and residency.is_resident("heavy")
+    assert not residency.is_resident("light")
+    seconds, evicted = residency.ensure("light")
+    assert evicted == ["heavy"] and residency.is_resident("light") and not residency.is_resident("heavy")
+    assert residency.ensure("light") == (0.0, [])
+
+
 def test_requests_are_grouped_by_mode_so_that_moves_stay_rare(monkeypatch, tiny_weights):
     plan = unlimited_plan(tiny_weights)
     limited = setup_predictor(monkeypatch, tiny_weights, budget_for(plan, ["sdxl-turbo", "sd-turbo"]))

@@ -196,14 +196,16 @@ class Residency:
         needed = [m for m in self.modules[name] if id(m) not in self.on_device]
         evicted = []
         limit = self.plan.weights_budget
-        while limit is not None and self._resident_bytes() + sum(self._bytes[id(m)] for m in needed) > limit:
+        # With every other mode out, a mode runs even beyond the weights budget: make_plan checked that its weights
+        # and its own working memory fit (a mode with large weights and small activations).
+        while (
+            limit is not None
+            and self.recent
+            and self._resident_bytes() + sum(self._bytes[id(m)] for m in needed) > limit
+        ):
             victim, _ = self.recent.popitem(last=False)
             evicted.append(victim)
-            keep = {id(m) for m in self.always} | {id(m) for n in (*self.recent, name) for m in self.modules[n]}
-            for m in self.modules[victim]:
-                if id(m) not in keep and id(m) in self.on_device:
-                    self._to_host(m)
-                    self.on_device.discard(id(m))
+            self._move_out(victim, keep=[*self.recent, name])
         for m in needed:
             m.to(self.device, non_blocking=True)
             self.on_device.add(id(m))
@@ -225,16 +227,20 @@ class Residency:
     def evict_all_but(self, name: str) -> list[str]:
         """Move every other mode out (a request ran out of device memory: it gets the whole device)."""
         others = [n for n in self.recent if n != name]
-        keep = {id(m) for m in self.always} | {id(m) for m in self.modules[name]}
         for other in others:
             del self.recent[other]
-            for m in self.modules[other]:
-                if id(m) not in keep and id(m) in self.on_device:
-                    self._to_host(m)
-                    self.on_device.discard(id(m))
+            self._move_out(other, keep=[name])
         if others:
             log.info("memory: moved out %s to make room for a request of mode %s", ", ".join(others), name)
         return others
+
+    def _move_out(self, mode: str, keep: list[str]) -> None:
+        """`mode`'s modules to host memory, except those the `keep` modes (or every mode) also use."""
+        kept = {id(m) for m in self.always} | {id(m) for n in keep for m in self.modules[n]}
+        for m in self.modules[mode]:
+            if id(m) not in kept and id(m) in self.on_device:
+                self._to_host(m)
+                self.on_device.discard(id(m))
 
     def _resident_bytes(self) -> int:
         return sum(self._bytes[i] for i in self.on_device)
