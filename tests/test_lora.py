@@ -528,6 +528,27 @@ def test_no_leak_after_an_error_during_the_run(predictor, run, server):
     assert read(again) == read(base)
 
 
+def test_a_retry_after_the_device_ran_out_of_memory_applies_the_lora_again(predictor, run, server):
+    url = f"{server.url}/kohya-sd15.safetensors"
+    styled, _ = run(**BASE, mode="lcm", lora_url=url)
+    pipe = predictor.engine.modes["lcm"].txt2img
+    calls = []
+
+    def out_of_memory_once(module, args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    hook = pipe.unet.register_forward_pre_hook(out_of_memory_once)
+    try:
+        retried, _ = run(**BASE, mode="lcm", lora_url=url)
+    finally:
+        hook.remove()
+        for name in predictor.engine.modes:  # the retry moved the other modes out: back as they were
+            predictor.engine.residency.ensure(name)
+    assert len(calls) > 1 and read(retried) == read(styled)
+
+
 def test_no_leak_after_a_cancel(predictor, run, server, tmp_path):
     engine = predictor.engine
     pipe = engine.modes["lcm"].txt2img

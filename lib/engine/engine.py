@@ -301,14 +301,7 @@ class Batch:
         seconds, _ = self.engine.residency.ensure(self.mode.name)
         if seconds:
             self.host_seconds["mode_load"] = seconds
-        try:
-            latents = self._denoise()
-        except torch.cuda.OutOfMemoryError:
-            if not self.engine.residency.evict_all_but(self.mode.name):
-                raise
-            torch.cuda.empty_cache()  # the other modes' weights are in host memory now: try once more
-            self.steps.clear()
-            latents = self._denoise()
+        latents = self._denoise_with_retry()
         decoder = self.engine.decoder(self.first)
         n = len(self.images)
         size = self._chunk_size(decoder, n)
@@ -349,6 +342,23 @@ class Batch:
                     else f" (use guidance_scale above 1, up to {mode.guidance.range[1]:g})",
                 )
 
+    def _denoise_with_retry(self) -> torch.Tensor:
+        """_denoise, once more if the device ran out of memory and other modes can make room; the style LoRA
+        files are closed after both attempts (the retry applies the LoRA again)."""
+        try:
+            try:
+                return self._denoise()
+            except torch.cuda.OutOfMemoryError:
+                if not self.engine.residency.evict_all_but(self.mode.name):
+                    raise
+                torch.cuda.empty_cache()  # the other modes' weights are in host memory now: try once more
+                self.logged_steps = 0  # the retry's steps are logged as they run
+                return self._denoise()
+        finally:
+            for job in self.jobs:
+                if job.lora:
+                    job.lora.close()
+
     def _denoise(self) -> torch.Tensor:
         """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
         first, jobs, pipe = self.first, self.jobs, self.pipe
@@ -363,19 +373,14 @@ class Batch:
             kwargs = {"image": torch.cat(latents), "strength": first.strength}
             self.marks["vae_encode"] = (start, self.timeline.mark())
         lora = jobs[0].lora
-        try:
-            started = time.perf_counter()
-            # The style LoRA is on for this call only: removed on the way out, also on an error or a cancel.
-            with style_lora(pipe, lora, first.lora_scale, self.mode.name) if lora else contextlib.nullcontext():
-                applied = time.perf_counter()
-                result = self._pipeline_call(kwargs)
-                removing = time.perf_counter()
-            if lora:
-                self.host_seconds["lora_load"] = applied - started + time.perf_counter() - removing
-        finally:
-            for job in jobs:
-                if job.lora:
-                    job.lora.close()
+        started = time.perf_counter()
+        # The style LoRA is on for this call only: removed on the way out, also on an error or a cancel.
+        with style_lora(pipe, lora, first.lora_scale, self.mode.name) if lora else contextlib.nullcontext():
+            applied = time.perf_counter()
+            result = self._pipeline_call(kwargs)
+            removing = time.perf_counter()
+        if lora:
+            self.host_seconds["lora_load"] = applied - started + time.perf_counter() - removing
         return result
 
     def _pipeline_call(self, kwargs: dict) -> torch.Tensor:
