@@ -426,6 +426,13 @@ def test_operator_script_fetch_status_verify_and_mirror(env, tmp_path):
             assert data == env.source(repo_id, path)
 
 
+@pytest.mark.parametrize("command", ["fetch", "verify", "status", "pin"])
+def test_an_unknown_mode_is_refused_naming_the_modes(env, command):
+    r = _script(env, command, "--modes", "bogus")
+    assert r.returncode == 2 and "argument --modes: invalid choice: 'bogus' (choose from 'sdxl-turbo'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_script_reports_errors_without_a_traceback(env):
     env.proxy.add("model_index.json", status=404)
     r = _script(env, "fetch", "--modes", "sd-turbo")

@@ -79,8 +79,11 @@ def cmd_status(args) -> int:
     cache = Cache(Settings().weights_dir)
     print(f"cache {cache.root}, manifest {path}")
     checker = Settings().safety_checker
+    by_repo: dict[str, list] = {}
+    for e in plan(args.modes, manifest, lock, path, checker):
+        by_repo.setdefault(e.repo_id, []).append(e)
     for repo in all_repos(args.modes, checker):
-        entries = [e for e in plan(args.modes, manifest, lock, path, checker) if e.repo_id == repo.repo_id]
+        entries = by_repo[repo.repo_id]
         verified = [e for e in entries if cache.verified(e)]
         present = [e for e in entries if cache.path(e).is_file()]
         size = sum(cache.path(e).stat().st_size for e in present)
@@ -168,12 +171,16 @@ def cmd_manifest(args) -> int:
 
 def main(argv=None) -> int:
     env_modes = list(Settings().enabled_modes)
+
+    def modes_option(p) -> None:
+        p.add_argument("--modes", nargs="+", default=env_modes or list(MODES), choices=list(MODES), metavar="MODE")
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in (("fetch", cmd_fetch), ("verify", cmd_verify), ("status", cmd_status), ("mirror", cmd_mirror)):
         p = sub.add_parser(name)
         p.set_defaults(fn=fn)
-        p.add_argument("--modes", nargs="+", default=env_modes or list(MODES), metavar="MODE")
+        modes_option(p)
         if name == "verify":
             p.add_argument("--full", action="store_true", help="rehash every file")
         if name == "mirror":
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("pin")
     p.set_defaults(fn=cmd_pin)
     p.add_argument("repos", nargs="*", metavar="REPO", help="Hub repo ids (default: the repos of --modes)")
-    p.add_argument("--modes", nargs="+", default=env_modes or list(MODES), metavar="MODE")
+    modes_option(p)
     p.add_argument("--revision", help="resolve this revision instead of the manifest's (e.g. main, to move on)")
     p = sub.add_parser("manifest")
     p.set_defaults(fn=cmd_manifest)
