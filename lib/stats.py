@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    """The nearest-rank q-quantile (0 < q <= 1) of already sorted values."""
-    return sorted_values[min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))]
+    """The nearest-rank q-quantile (0 < q <= 1) of already sorted values: the smallest value with at least a
+    fraction q of the values at or below it."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
 def stats_ms(seconds: list[float]) -> dict:

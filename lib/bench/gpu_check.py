@@ -37,6 +37,7 @@ from lib.bench.cases import GOALS, PROMPT
 from lib.bench.device import device_info
 from lib.local import Metrics
 from lib.settings import Settings
+from lib.stats import stats_ms
 
 BUDGET = "24GB"  # the consumer cards: RTX 4090, A10G, L4
 PER_REQUEST = 4  # a goal of more images runs as concurrent requests of this many, batched
@@ -278,11 +279,12 @@ class Check:
             if i >= warm:
                 times.append(elapsed)
                 runs.append(metrics)
-        p50 = statistics.median(times)
+        latency = stats_ms(times)
+        p50 = latency["p50"] / 1000
         out = {
-            "p50_ms": round(p50 * 1000, 2),
-            "p95_ms": round(_p95(times) * 1000, 2),
-            "n": len(times),
+            "p50_ms": latency["p50"],
+            "p95_ms": latency["p95"],
+            "n": latency["n"],
             "images_per_s": round(images / p50, 1),
         }
         if images == 1:
@@ -305,11 +307,6 @@ class Check:
 
 async def _collect(agen) -> list:
     return [x async for x in agen]
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 def main(argv=None) -> int:

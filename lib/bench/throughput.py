@@ -13,10 +13,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import time
 from datetime import date
 from pathlib import Path
+
+from lib.stats import stats_ms
 
 
 async def client(predictor, inputs: dict, requests: int, latencies: list[float]) -> int:
@@ -36,13 +37,12 @@ async def measure(predictor, inputs: dict, clients: int, requests: int) -> dict:
     started = time.perf_counter()
     images = sum(await asyncio.gather(*(client(predictor, inputs, requests, latencies) for _ in range(clients))))
     seconds = time.perf_counter() - started
-    latencies.sort()
     return {
         "clients": clients,
         "images": images,
         "seconds": round(seconds, 3),
         "images_per_s": round(images / seconds, 2),
-        "p50_latency_s": round(latencies[len(latencies) // 2], 4),
+        "p50_latency_s": round(stats_ms(latencies)["p50"] / 1000, 4),
     }
 
 
@@ -93,11 +93,9 @@ def main() -> None:
     base = next(r for r in results if r["clients"] == 1)["images_per_s"] if 1 in clients else None
     import torch
 
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"
-    )
+    from lib.bench.device import device_info
+
+    device = device_info(predictor.engine.device)["device"]
     print(
         f"\n{date.today()} · {device} · mode {args.mode} {args.size}px · {'tiny random' if args.tiny else 'real'} "
         f"weights · torch {torch.__version__}\n"
