@@ -30,7 +30,8 @@ from lib.jobs.ledger import Ledger
 from lib.jobs.receiver import Receiver
 from lib.jobs.webhooks import Authenticator, sign, signed_headers, verify_signature
 from lib.testkit import replicate
-from lib.testkit.cog_server import WEBHOOK_TOKEN, free_port, shared_server
+from lib.testkit.cog_server import WEBHOOK_TOKEN, shared_server
+from lib.testkit.servers import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"test signing secret, 32 bytes!!").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody else's secret, 32 byte").decode()

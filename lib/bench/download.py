@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from lib.settings import Settings
-from lib.testkit.servers import Nginx
+from lib.testkit.servers import NGINX, Nginx
 from lib.weights.download import Downloader, Transfer, Tuning, human
 
 
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     import requests
 
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split()[1]
-    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
+    nginx = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
     print(
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"loopback; Python {platform.python_version()}, requests {requests.__version__}, curl {curl}, "

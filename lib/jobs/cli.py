@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from lib.jobs import runner as jobs
-from lib.jobs.ledger import TERMINAL, Ledger
+from lib.jobs.ledger import SETTLED, Ledger
 from lib.jobs.receiver import Receiver
 from lib.jobs.webhooks import DEFAULT_TOLERANCE, Authenticator
 from lib.settings import Settings
@@ -63,7 +63,7 @@ def finish(ledger: Ledger, args, keys=None) -> int:
     if not args.wait:
         return 0
     counts = jobs.wait(ledger, keys, timeout=args.wait, log=say)
-    done = sum(counts.get(s, 0) for s in (*TERMINAL, "submit_failed"))
+    done = sum(counts.get(s, 0) for s in SETTLED)
     if done < sum(counts.values()):
         say(f"timed out after {args.wait:g} s with jobs still running (see: scripts/jobs.py status)")
     return 0 if set(counts) <= {"succeeded"} else 1

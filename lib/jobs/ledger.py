@@ -29,6 +29,7 @@ RANK = {
     "canceled": 4,
 }
 RESUBMITTABLE = ("failed", "canceled", "submit_failed")
+SETTLED = (*TERMINAL, "submit_failed")  # nothing more will happen to the job unless it is sent again
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

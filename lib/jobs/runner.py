@@ -17,7 +17,7 @@ from typing import Callable
 
 import requests
 
-from lib.jobs.ledger import RESUBMITTABLE, TERMINAL, Ledger
+from lib.jobs.ledger import RESUBMITTABLE, SETTLED, Ledger
 from lib.jsontext import json_object
 from lib.settings import Settings
 
@@ -205,6 +205,6 @@ def wait(
         if counts != last:
             log("jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
             last = counts
-        if all(j["state"] in (*TERMINAL, "submit_failed") for j in jobs) or time.monotonic() > deadline:
+        if all(j["state"] in SETTLED for j in jobs) or time.monotonic() > deadline:
             return counts
         time.sleep(poll)

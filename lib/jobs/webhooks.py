@@ -33,10 +33,14 @@ def decode_secret(secret: str) -> bytes:
         raise ValueError("the webhook signing secret's part after whsec_ is not base64") from None
 
 
+def _mac(secret: str, webhook_id: str, timestamp: int | str, body: bytes) -> bytes:
+    """The Standard Webhooks HMAC-SHA256 of `{id}.{timestamp}.{body}`."""
+    return hmac.new(decode_secret(secret), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+
+
 def sign(secret: str, webhook_id: str, timestamp: int | str, body: bytes) -> str:
     """The `webhook-signature` value Replicate would send for this message."""
-    mac = hmac.new(decode_secret(secret), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return "v1," + base64.b64encode(mac.digest()).decode()
+    return "v1," + base64.b64encode(_mac(secret, webhook_id, timestamp, body)).decode()
 
 
 def signed_headers(secret: str, body: bytes, webhook_id: str | None = None, timestamp: int | None = None) -> dict:
@@ -65,7 +69,7 @@ def verify_signature(
     now = time.time() if now is None else now
     if abs(now - sent) > tolerance:
         raise AuthError(f"webhook-timestamp is {now - sent:+.0f} s from now; allowed: within {tolerance:g} s")
-    expected = hmac.new(decode_secret(secret), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    expected = _mac(secret, webhook_id, timestamp, body)
     for entry in signature.split():
         version, _, value = entry.partition(",")
         if version != "v1":

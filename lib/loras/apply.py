@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from lib.engine.inputs import InputError
 from lib.engine.modes import MODES
 from lib.loras.cache import LoraFile
-from lib.loras.check import read_header
+from lib.loras.check import check_file
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +27,7 @@ def load_state_dict(lora: LoraFile) -> dict:
     from safetensors.torch import load, load_file
 
     with lora._lock:
-        _, total = read_header(lora.handle)
-        if total != os.fstat(lora.handle.fileno()).st_size:
-            raise InputError("lora_url: the cached file does not match its safetensors header")
+        check_file(lora.handle)
         same_file = Path(f"/proc/self/fd/{lora.handle.fileno()}")  # Linux: the open file, even if unlinked
         if same_file.exists():
             return load_file(same_file)  # memory-mapped: one copy, not two
@@ -40,8 +37,8 @@ def load_state_dict(lora: LoraFile) -> dict:
 
 _DOWN = re.compile(r"(?:\.lora_A|\.lora_down|[._]lora\.down|\.lora_linear_layer\.down)\.weight$")
 _MODULE = [
-    (re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.down\.weight$"), None),
-    (re.compile(r"^(.*)\.(?:lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$"), ""),
+    re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.down\.weight$"),
+    re.compile(r"^(.*)\.(?:lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$"),
 ]
 _TE_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
@@ -49,7 +46,7 @@ _TE_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "ou
 def _module_name(key: str, component: str) -> str:
     """The model layer a (diffusers-format) down-weight key is for, as named_modules() names it, roughly."""
     key = key[len(component) + 1 :]
-    for pattern, _ in _MODULE:
+    for pattern in _MODULE:
         if m := pattern.match(key):
             name = m.group(1)
             if m.lastindex == 2:

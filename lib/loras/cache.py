@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lib.engine.inputs import InputError
-from lib.loras.check import read_header
+from lib.loras.check import check_file
 from lib.loras.fetch import check_url, download, shown
 from lib.settings import Settings
 
@@ -85,9 +85,7 @@ def _open_cached(path: Path) -> BinaryIO | None:
             return None
         _touch(path)
     try:
-        _, total = read_header(handle)
-        if total != os.fstat(handle.fileno()).st_size:
-            raise InputError("size")
+        check_file(handle)
     except InputError:  # damaged on disk: fetch it again
         handle.close()
         log.warning("lora cache: %s is damaged; fetching it again", path.name)

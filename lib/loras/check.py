@@ -5,6 +5,7 @@ HTML page) is refused, and nothing but safetensors is ever deserialized."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import BinaryIO
 
@@ -105,3 +106,10 @@ def read_header(handle: BinaryIO) -> tuple[dict, int]:
     if result is None:
         raise InputError("lora_url: the file is shorter than its safetensors header")
     return result
+
+
+def check_file(handle: BinaryIO) -> None:
+    """An open file's safetensors header, and that the file is exactly as long as the header says."""
+    _, total = read_header(handle)
+    if total != os.fstat(handle.fileno()).st_size:
+        raise InputError("lora_url: the cached file does not match its safetensors header")

@@ -159,10 +159,7 @@ def download(url: str, path: Path) -> None:
         response = None
         for _ in range(MAX_REDIRECTS + 1):
             check_url(url)
-            try:
-                response = session.get(url, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-            except requests.RequestException as e:
-                raise InputError(f"lora_url: could not download {shown(url)}: {_reason(e)}") from None
+            response = session.get(url, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
             if response.status_code in (301, 302, 303, 307, 308) and response.headers.get("Location"):
                 url = urljoin(url, response.headers["Location"])
                 response.close()

@@ -24,16 +24,10 @@ from pathlib import Path
 
 import requests
 
-from lib.testkit.servers import ServerProcess
+from lib.jobs.ledger import TERMINAL  # a Cog prediction's final statuses
+from lib.testkit.servers import ServerProcess, free_port
 
 WEBHOOK_TOKEN = "test-webhook-token"  # the shared server sends it as Bearer on every webhook
-TERMINAL = ("succeeded", "failed", "canceled")
-
-
-def free_port() -> int:
-    from lib.testkit.servers import free_port as port
-
-    return port()
 
 
 class CogServer(ServerProcess):

@@ -241,9 +241,13 @@ class Downloader:
                 f"{label}: giving up after {failures} failed attempts in a row, last: {reason} "
                 f"({url}); WEIGHTS_TIMEOUT/WEIGHTS_RETRIES tune the patience"
             )
-        delay = min(self.tuning.backoff * 2 ** (failures - 1), 8.0)
+        delay = self._delay(failures)
         self.log(f"weights: {label}: {reason}; retry {failures}/{self.tuning.retries} in {delay:.1f} s")
         self._sleep(delay, abort)
+
+    def _delay(self, attempt: int) -> float:
+        """Seconds before retry `attempt` (1, 2, ...): exponential, at most 8 s."""
+        return min(self.tuning.backoff * 2 ** (attempt - 1), 8.0)
 
     def _sleep(self, delay: float, abort: threading.Event | None = None) -> None:
         end = time.monotonic() + delay
@@ -284,7 +288,7 @@ class Downloader:
                         f"{url}). Check this machine's network access to {_host(url)}, or set WEIGHTS_BASE_URL to a "
                         "mirror you can reach, or WEIGHTS_OFFLINE=1 to load files already in WEIGHTS_DIR"
                     )
-                delay = min(self.tuning.backoff * 2 ** (rounds - 1), 8.0)
+                delay = self._delay(rounds)
                 self.log(
                     f"weights: {len(failed)} file(s) not reachable at {_host(url)}: {reason}; retry "
                     f"{rounds}/{self.tuning.retries} in {delay:.1f} s"
