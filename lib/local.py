@@ -169,17 +169,17 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    metrics = predictor.record_metric = Metrics()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        for path in collect(predictor, **inputs):
-            target = out / Path(path).name
-            shutil.move(path, target)
-            print(target)
-    except ValueError as e:
-        print(f"prediction failed: {e}", file=sys.stderr)
-        return 2
+    with recording(predictor) as metrics:
+        try:
+            for path in collect(predictor, **inputs):
+                target = out / Path(path).name
+                shutil.move(path, target)
+                print(target)
+        except ValueError as e:
+            print(f"prediction failed: {e}", file=sys.stderr)
+            return 2
     print("metrics:", metrics, file=sys.stderr)
     return 0
 

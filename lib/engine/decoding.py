@@ -51,11 +51,11 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 def decode_bytes(vae, width: int, height: int) -> int:
     """About how much memory decoding one image of this size takes (lib/engine/memory.py's estimate)."""
-    from lib.engine.memory import VAE_LIVE_TENSORS
+    from lib.engine.memory import vae_bytes
 
     channels = (
         vae.config.block_out_channels[0]
         if hasattr(vae.config, "block_out_channels")
         else vae.config.decoder_block_out_channels[0]
     )
-    return width * height * channels * torch.empty((), dtype=vae.dtype).element_size() * VAE_LIVE_TENSORS
+    return vae_bytes(width, height, channels, vae.dtype)

@@ -68,7 +68,7 @@ class Cancelled(Exception):
 
 
 def uses_negative_prompt(request: Request) -> bool:
-    return request.negative_prompt is not None and request.mode.negative_prompt_has_effect(request.guidance_scale)
+    return request.negative_prompt is not None and request.mode.uses_cfg(request.guidance_scale)
 
 
 def batch_key(request: Request) -> tuple:
@@ -245,9 +245,13 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
         for part in parts.values():
             sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
         mode_modules[name] = frozenset(p.key for p in parts.values())
-        cfg = not mode.guidance.embedded and mode.guidance.default > 1
         working[name] = memory.working_bytes(
-            parts["unet"].config(), parts["vae"].config(), mode.size, loader.dtype, loader.dtype_of(parts["vae"]), cfg
+            parts["unet"].config(),
+            parts["vae"].config(),
+            mode.size,
+            loader.dtype,
+            loader.dtype_of(parts["vae"]),
+            cfg=mode.uses_cfg(mode.guidance.default),
         )
     always = frozenset()
     if safety_checker:
@@ -396,7 +400,7 @@ class Batch:
             None if first.lora_url else self.engine.prompts,  # a style LoRA may change the text encoders
         )
         end = timeline.mark()
-        self.marks["text_encoding"] = [(start, end)]
+        self.marks["text_encoding"] = (start, end)
         self.steps[:] = [end]  # denoising starts here
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
@@ -516,7 +520,6 @@ class Batch:
         while self.saving:
             yield self._saved()
         shared = self._stage_seconds()
-        checked = {k for k in self.flags}
         for job in self.jobs:
             mine = [k for k, (j, _, _) in enumerate(self.images) if j is job]
             timings = dict(
@@ -525,7 +528,7 @@ class Batch:
                 image_encoding=self.encode_seconds.get(id(job), 0.0),
             )
             flagged = [self.images[k][2] for k in mine if self.flags.get(k)]
-            if any(k in checked for k in mine):
+            if any(k in self.flags for k in mine):  # checked
                 job.record("nsfw_flagged", len(flagged))
                 if flagged:
                     log.warning(
@@ -548,9 +551,9 @@ class Batch:
         """Every stage's duration, from the marks (the device has finished the batch by now)."""
         t = self.timeline
         out: dict = dict(self.host_seconds)
-        if "vae_encode" in self.marks:
-            out["vae_encode"] = t.seconds(*self.marks["vae_encode"])
-        out["text_encoding"] = sum(t.seconds(a, b) for a, b in self.marks.get("text_encoding", []) if b is not None)
+        for stage in ("vae_encode", "text_encoding"):
+            if stage in self.marks:
+                out[stage] = t.seconds(*self.marks[stage])
         steps = [t.seconds(a, b) for a, b in zip(self.steps, self.steps[1:], strict=False)]
         out["denoising"], out["steps"] = sum(steps), steps
         return out

@@ -48,7 +48,7 @@ def file_bytes(path: Path, dtype: torch.dtype) -> int:
     """Bytes the tensors of a safetensors file take once loaded with floating tensors in `dtype`."""
     from safetensors import safe_open
 
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     total = 0
     with safe_open(path, "pt") as f:
         for key in f.keys():
@@ -72,14 +72,14 @@ def working_bytes(
     unet_config: dict, vae_config: dict, size: int, unet_dtype: torch.dtype, vae_dtype: torch.dtype, cfg: bool
 ) -> int:
     """Activation memory of one image at `size` x `size` (estimate; see VAE_LIVE_TENSORS)."""
-    vae = size * size * vae_config["block_out_channels"][0] * _bytes(vae_dtype) * VAE_LIVE_TENSORS
     latent = (size // 8) ** 2
-    unet = latent * max(unet_config["block_out_channels"]) * _bytes(unet_dtype) * UNET_LIVE_TENSORS * (2 if cfg else 1)
-    return vae + unet
+    unet = latent * max(unet_config["block_out_channels"]) * unet_dtype.itemsize * UNET_LIVE_TENSORS * (2 if cfg else 1)
+    return vae_bytes(size, size, vae_config["block_out_channels"][0], vae_dtype) + unet
 
 
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def vae_bytes(width: int, height: int, channels: int, dtype: torch.dtype) -> int:
+    """Decoding one image: VAE_LIVE_TENSORS full-resolution tensors of the decoder's first-block width."""
+    return width * height * channels * dtype.itemsize * VAE_LIVE_TENSORS
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,9 @@ class Mode:
         )
         return f"{self.title}: {self.steps.range[0]}-{self.steps.range[1]} steps, {guidance}, {self.size}px"
 
-    def negative_prompt_has_effect(self, guidance: float) -> bool:
-        """A negative prompt only acts through classifier-free guidance, which runs at guidance > 1."""
+    def uses_cfg(self, guidance: float) -> bool:
+        """Classifier-free guidance runs at guidance > 1 (where the guidance is not embedded); a negative prompt
+        acts only through it."""
         return not self.guidance.embedded and guidance > 1
 
     @property

@@ -29,9 +29,6 @@ class Precision:
     upcast_vae: torch.dtype  # the VAEs whose config forces an upcast
     native_bf16: bool
 
-    def vae(self, vae) -> torch.dtype:
-        return self.upcast_vae if needs_upcast(vae.config) else self.model
-
 
 def needs_upcast(config) -> bool:
     """The VAE's config itself asks for an upcast (diffusers records the keys it filled with defaults)."""

@@ -116,7 +116,7 @@ def _unique(modules) -> list:
 
 def decoders(loaded) -> list:
     """The image decoders of a LoadedMode: its VAE, and its TAESD where the mode has one (fast_decode)."""
-    return _unique([loaded.txt2img.vae, getattr(loaded, "tiny_vae", None)])
+    return _unique([loaded.txt2img.vae, loaded.tiny_vae])
 
 
 def vae_dtype(config, switches: Switches, dtypes: Precision, model_dtype: torch.dtype) -> torch.dtype:
@@ -300,7 +300,7 @@ def warm_up(engine, img2img: bool = False) -> dict:
                 )
                 jobs.append(engine.job(request, tmp))
             if img2img:
-                size, tiny = engine.modes[name].mode.size, len(_decode_variants(engine, name)) > 1
+                size, tiny = engine.modes[name].mode.size, engine.modes[name].tiny_vae is not None
                 request = resolve_request(
                     enabled=engine.enabled,
                     prompt="warm-up",
@@ -326,7 +326,7 @@ def warm_up(engine, img2img: bool = False) -> dict:
 
 
 def _decode_variants(engine, name: str) -> list[bool]:
-    return [False, True] if getattr(engine.modes[name], "tiny_vae", None) is not None else [False]
+    return [False, True] if engine.modes[name].tiny_vae is not None else [False]
 
 
 def optimize(engine, switches: Switches | None = None, dtypes: Precision | None = None, resident=None):
