@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import gc
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from lib.bench.cases import GOALS, PROMPT
-from lib.bench.device import device_info
+from lib.bench.device import device_info, free, reset_peak
 from lib.local import Metrics
 from lib.settings import Settings
 from lib.stats import stats_ms
@@ -96,10 +95,8 @@ class Check:
         self.loop.run_until_complete(asyncio.sleep(0))
         with contextlib.suppress(Exception):
             torch._dynamo.reset()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+        free(self.device)
+        reset_peak(self.device)
 
     # -- the steps ---------------------------------------------------------------------------------------------
     def env(self) -> dict:
