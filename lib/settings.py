@@ -258,7 +258,7 @@ class Settings:
         "how long the batcher waits for compatible requests (0 when concurrency is 1)")
     batch_max_images = Var("BATCH_MAX_IMAGES", "batching", integer(1), 16, "most images in one batch")
     cog_max_concurrency = Var("COG_MAX_CONCURRENCY", "batching", integer(1), 1,
-        "predictions Cog runs at once (set by Cog from cog.yaml's concurrency.max)")
+        "predictions Cog runs at once (set by cog build from predict.py's @concurrent(max=...))")
 
     # -- realtime --
     realtime_token = Var("REALTIME_TOKEN", "realtime", text(), None,

@@ -145,6 +145,9 @@ def test_async_prediction_streams_each_image_by_webhook(server, sink):
         k = len(e.body.get("output") or [])
         if e.body["status"] == "processing" and k:
             firsts.setdefault(k, e)
+    # Non-terminal webhooks may arrive out of order (docs/serving.md): on a loaded machine the last image's own event
+    # can come after the terminal one, which brings that image too.
+    firsts.setdefault(n, end)
     assert sorted(firsts) == list(range(1, n + 1)), sorted(firsts)
     assert [firsts[k].body["output"][k - 1] for k in firsts] == final["output"]
     metrics = final["metrics"]
@@ -202,10 +205,43 @@ def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files,
         code, text = server.request("POST", "/predictions", {"input": body})
         assert code == 400 and f"input.{named}" in text, (code, text)
     else:
-        p = server.predict(**body)
-        assert p["status"] == "failed", p
-        assert input_error(p).startswith(f"{named}:"), p["error"]
+        code, p = server.request("POST", "/predictions", {"input": body})
+        if code == 422:  # coglet refused it against the bundled schema (its bounds, enums and types)
+            assert {tuple(d["loc"]) for d in p["detail"]} == {("body", "input", named)}, p
+        else:  # the engine's own check: the second guard, for what the schema cannot say
+            assert code == 200 and p["status"] == "failed", p
+            assert input_error(p).startswith(f"{named}:"), p["error"]
     assert server.settled_status() == "READY"
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (dict(num_outputs=9), "9 is greater than the maximum of 8"),
+        (dict(seed=-1), "-1 is less than the minimum of 0"),
+        (dict(mode="sd3"), '"sd3" is not one of ["sdxl-turbo"'),
+        (dict(output_format="gif"), '"gif" is not one of ["webp","jpg","png"]'),
+        (dict(width="wide"), '"wide" is not of type "integer"'),
+    ],
+)
+def test_coglet_refuses_what_the_schema_rules_out_naming_the_input(server, inputs, message):
+    """The schema `cog build` bundles (tests/test_cog_schema.py) is the one the server checks requests against: an
+    out-of-range or off-list value never reaches the predictor."""
+    code, body = server.request("POST", "/predictions", {"input": {"prompt": "a cat", **inputs}})
+    assert code == 422, body
+    (detail,) = body["detail"]
+    assert detail["loc"] == ["body", "input", *inputs] and detail["msg"].startswith(message), detail
+    assert server.settled_status() == "READY"
+
+
+def test_the_engine_still_guards_what_the_schema_cannot_say(server):
+    """In the schema's range but not allowed: a width that is no multiple of 8, steps beyond the mode's own range."""
+    for inputs, named in (
+        (dict(width=260), "width"),
+        (dict(mode="sd-turbo", num_inference_steps=5), "num_inference_steps"),
+    ):
+        code, p = server.request("POST", "/predictions", {"input": {"prompt": "a cat", **inputs}})
+        assert code == 200 and p["status"] == "failed" and input_error(p).startswith(f"{named}:"), p
 
 
 def reference_inputs(lora_url: str | None) -> list[dict]:

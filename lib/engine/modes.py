@@ -168,6 +168,15 @@ def guidance_bounds() -> tuple[float, float]:
     return min(ends), max(ends)
 
 
+def mode_help() -> str:
+    """The `mode` input's description: each mode's summary, with the licence notice on the non-commercial ones (the
+    model page on Replicate shows it)."""
+    notice = " (non-commercial use only: Stability AI Non-Commercial Research Community License)"
+    return "; ".join(
+        f"{m.name}: {m.summary}" + (notice if m.weights.repo.licence == NON_COMMERCIAL else "") for m in MODES.values()
+    )
+
+
 def steps_help() -> str:
     return "Denoising steps; default (allowed) per mode: " + "; ".join(
         f"{m.name} {m.steps.describe()}" for m in MODES.values()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import requests
 
+from lib import ROOT, cog_schema
 from lib.jobs.ledger import TERMINAL  # a Cog prediction's final statuses
 from lib.testkit.servers import ServerProcess, free_port
 
@@ -53,6 +54,8 @@ class CogServer(ServerProcess):
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> "CogServer":
+        # The schema `cog build` would bundle, where coglet looks for it: it checks every request against it.
+        cog_schema.write(ROOT)
         self.spawn([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"])
         try:
             self.wait_ready(timeout)
