@@ -289,6 +289,8 @@ class Settings:
 
     # -- jobs --
     replicate_api_token = Var("REPLICATE_API_TOKEN", "jobs", text(), None, "the Replicate API token (jobs, push)")
+    replicate_base_url = Var("REPLICATE_BASE_URL", "jobs", text(), "https://api.replicate.com",
+        "the Replicate API's address (the `replicate` client reads it too)")
     replicate_webhook_secret = Var("REPLICATE_WEBHOOK_SECRET", "jobs", text(), None,
         "the receiver accepts webhooks signed with this `whsec_` secret")
     webhook_auth_token = Var("WEBHOOK_AUTH_TOKEN", "jobs", text(), None,

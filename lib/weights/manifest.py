@@ -1,8 +1,9 @@
 """The weights manifest and its lock: which files each Hub repo must provide, and what is known of them.
 
 weights/manifest.json (tracked) lists per Hub repo a revision and every file the modes load, with size and sha256
-(null where not known). weights/manifest.lock.json beside it records what first downloads learned: the commit a
-revision resolved to (X-Repo-Commit) and the hashes the manifest leaves null.
+(null where not known) and, where the exact size is not known, `approx_size`: the Hub's rounded display, for boot
+estimates only (lib/boot_plan.py), never for verification. weights/manifest.lock.json beside it records what first
+downloads learned: the commit a revision resolved to (X-Repo-Commit) and the hashes the manifest leaves null.
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def load_manifest(path: Path) -> dict:
             raise WeightsError(f"{path}: repo {repo_id} needs a 'revision' string and a 'files' object")
         for name, f in spec["files"].items():
             size, sha = (f.get("size"), f.get("sha256")) if isinstance(f, dict) else ("?", "?")
-            if not (size is None or isinstance(size, int) and size >= 0) or not (
-                sha is None or isinstance(sha, str) and SHA256_RE.match(sha)
+            approx = f.get("approx_size") if isinstance(f, dict) else None
+            if (
+                not (size is None or isinstance(size, int) and size >= 0)
+                or not (sha is None or isinstance(sha, str) and SHA256_RE.match(sha))
+                or not (approx is None or isinstance(approx, int) and approx > 0)
             ):
                 raise WeightsError(
-                    f"{path}: repo {repo_id}, file {name}: 'size' must be a byte count or null "
-                    "and 'sha256' 64 lowercase hex digits or null"
+                    f"{path}: repo {repo_id}, file {name}: 'size' must be a byte count or null, "
+                    "'sha256' 64 lowercase hex digits or null, and 'approx_size' (optional) a byte count"
                 )
     return data
 
@@ -138,6 +142,11 @@ class Lock:
 def manifest_text(data: dict) -> str:
     """JSON with one line per file (readable diffs of the tracked manifest and lock)."""
     text = json.dumps(data, indent=1, sort_keys=True)
+    text = re.sub(
+        r'\{\n\s*"approx_size": (\S+),\n\s*"sha256": (\S+),\n\s*"size": (\S+)\n\s*\}',
+        r'{"approx_size": \1, "sha256": \2, "size": \3}',
+        text,
+    )
     return re.sub(r'\{\n\s*"sha256": (\S+),\n\s*"size": (\S+)\n\s*\}', r'{"sha256": \1, "size": \2}', text) + "\n"
 
 
