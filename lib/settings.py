@@ -168,6 +168,12 @@ def _modes() -> tuple[str, ...]:
     return tuple(MODES)
 
 
+def _default_modes() -> tuple[str, ...]:
+    from lib.engine.modes import DEFAULT_ENABLED
+
+    return DEFAULT_ENABLED
+
+
 COMPILE_TARGETS = ("unet", "vae", "text")
 COMPILE_SWITCH = {**{w: () for w in FALSE}, **{w: ("unet", "vae") for w in TRUE}}  # SPEED_COMPILE=1 / 0
 GROUPS = {
@@ -191,8 +197,9 @@ class Settings:
     # The declarations are a table: one each, kept as written.
     # fmt: off
     # -- engine --
-    enabled_modes = Var("ENABLED_MODES", "engine", names(_modes, "a mode"), lambda s: _modes(),
-        "comma-separated modes to load; requests for the others are refused with a clear error", shown="all")
+    enabled_modes = Var("ENABLED_MODES", "engine", names(_modes, "a mode"), lambda s: _default_modes(),
+        "comma-separated modes to load (and fetch); requests for the others are refused with a clear error",
+        shown="every mode but the opt-in ones (`sdxl-lightning-2step`, `sdxl-lightning-8step`)")
     safety_checker = Var("SAFETY_CHECKER", "engine", switch(), True,
         "`0`: no safety checker (not fetched, not loaded; `disable_safety_checker` then changes nothing)")
     model_device = Var("MODEL_DEVICE", "engine", text(), None, "the torch device",
