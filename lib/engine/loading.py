@@ -21,9 +21,9 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from lib.engine import devices
 from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
 from lib.engine.precision import needs_upcast
-from lib.settings import Settings
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -68,8 +68,8 @@ class LoadedMode:
 
 
 def choose_device() -> torch.device:
-    """CUDA where there is one; MODEL_DEVICE overrides."""
-    return torch.device(Settings().model_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """MODEL_DEVICE where set, else CUDA, else MPS, else the CPU (lib/engine/devices.py)."""
+    return devices.choose_from_env()[0]
 
 
 def repo_dir(weights_dir: Path, repo: Repo) -> Path:
