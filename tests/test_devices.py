@@ -217,3 +217,20 @@ def test_predict_sh_runs_in_process_on_a_mac_and_through_cog_elsewhere(tmp_path,
         assert "cog" not in called, called
         assert r.returncode == 1 and "setup failed: weights missing" in r.stderr, r.stderr[-2000:]
         assert "command not found" not in r.stderr  # no GNU-only tool was needed (setup_env.sh used shasum)
+
+
+def test_decoded_pixels_leave_a_device_without_pinned_memory_as_a_plain_host_copy():
+    """decoding.to_host: CUDA copies into pinned memory asynchronously; from any other device (MPS) the pixels must
+    still reach the host, where PIL reads them (a tensor on MPS has no .numpy())."""
+    from lib.engine import decoding
+
+    class OnMps:  # what to_host sees of the decoded pixels on an MPS device
+        device = MPS
+
+        def cpu(self):
+            return torch.full((1, 8, 8, 3), 7, dtype=torch.uint8)
+
+    host = decoding.to_host(OnMps())
+    assert host.device == CPU and [image.getpixel((0, 0)) for image in decoding.to_images(host)] == [(7, 7, 7)]
+    pixels = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    assert decoding.to_host(pixels) is pixels  # already on the host: no copy
