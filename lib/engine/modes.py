@@ -179,9 +179,10 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 # SDXL-Lightning (ByteDance): SDXL base distilled for exactly 2, 4 or 8 steps, each published as a full UNet
 # (5.14 GB) and as a LoRA (394 MB) of SDXL base. The LoRAs are used, fused at load: in memory a fused UNet is a full
 # UNet either way, but a LoRA downloads in 394 MB beside the SDXL base files the lcm-lora-sdxl mode already fetches
-# (docs/serving.md, "SDXL-Lightning"). The model card's settings: Euler with "trailing" timesteps, guidance 0. The
-# 1-step checkpoint (an x0-predicting UNet, no LoRA, marked experimental by its authors) is left out. Only the 4-step
-# mode is in the default set; the 2- and 8-step ones are enabled by naming them in ENABLED_MODES.
+# (docs/serving.md, "Modes and what a model downloads at boot"). The model card's settings: Euler with "trailing"
+# timesteps, guidance 0. The 1-step checkpoint (an x0-predicting UNet, no LoRA, marked experimental by its authors)
+# is left out. Only the 4-step mode is in the default set; the 2- and 8-step ones are enabled by naming them in
+# ENABLED_MODES.
 SDXL_LIGHTNING = Repo("ByteDance/SDXL-Lightning", None, (), "CreativeML Open RAIL++-M")
 LIGHTNING_SCHEDULER = (("timestep_spacing", "trailing"),)
 
