@@ -13,10 +13,19 @@ from lib.engine.images import new_output_dir
 
 # `cog build` reads this file without running it (cog's static schema parser), and takes only literals: each value
 # below repeats what lib/ defines (the mode table, lib/engine/inputs.py), and tests/test_cog_schema.py keeps them equal.
-MODES = ["sdxl-turbo", "sd-turbo", "lcm", "lcm-lora-sdxl", "lcm-lora-sd15"]
-MODE_HELP = "sdxl-turbo: SDXL Turbo: 1-4 steps, no guidance, 512px (non-commercial use only: Stability AI Non-Commercial Research Community License); sd-turbo: SD Turbo: 1-4 steps, no guidance, 512px (non-commercial use only: Stability AI Non-Commercial Research Community License); lcm: LCM Dreamshaper v7: 1-8 steps, guidance embedded in the UNet, 768px; lcm-lora-sdxl: SDXL base + LCM-LoRA: 2-8 steps, guidance 0, or 1-2, 1024px; lcm-lora-sd15: SD 1.5 + LCM-LoRA: 2-8 steps, guidance 0, or 1-2, 512px"
-STEPS_HELP = "Denoising steps; default (allowed) per mode: sdxl-turbo 1 (1-4); sd-turbo 1 (1-4); lcm 4 (1-8); lcm-lora-sdxl 4 (2-8); lcm-lora-sd15 4 (2-8)"
-GUIDANCE_HELP = "Default (allowed) per mode: sdxl-turbo 0 (only 0); sd-turbo 0 (only 0); lcm 8 (1-15, an embedding in the UNet); lcm-lora-sdxl 1 (0, or 1-2); lcm-lora-sd15 1 (0, or 1-2)"
+MODES = [
+    "sdxl-turbo",
+    "sd-turbo",
+    "lcm",
+    "lcm-lora-sdxl",
+    "lcm-lora-sd15",
+    "sdxl-lightning-2step",
+    "sdxl-lightning-4step",
+    "sdxl-lightning-8step",
+]
+MODE_HELP = "sdxl-turbo: SDXL Turbo: 1-4 steps, no guidance, 512px (non-commercial use only: Stability AI Non-Commercial Research Community License); sd-turbo: SD Turbo: 1-4 steps, no guidance, 512px (non-commercial use only: Stability AI Non-Commercial Research Community License); lcm: LCM Dreamshaper v7: 1-8 steps, guidance embedded in the UNet, 768px; lcm-lora-sdxl: SDXL base + LCM-LoRA: 2-8 steps, guidance 0, or 1-2, 1024px; lcm-lora-sd15: SD 1.5 + LCM-LoRA: 2-8 steps, guidance 0, or 1-2, 512px; sdxl-lightning-2step: SDXL base + SDXL-Lightning 2-step LoRA: 2 steps, no guidance, 1024px; sdxl-lightning-4step: SDXL base + SDXL-Lightning 4-step LoRA: 4 steps, no guidance, 1024px; sdxl-lightning-8step: SDXL base + SDXL-Lightning 8-step LoRA: 8 steps, no guidance, 1024px"
+STEPS_HELP = "Denoising steps; default (allowed) per mode: sdxl-turbo 1 (1-4); sd-turbo 1 (1-4); lcm 4 (1-8); lcm-lora-sdxl 4 (2-8); lcm-lora-sd15 4 (2-8); sdxl-lightning-2step 2 (only 2); sdxl-lightning-4step 4 (only 4); sdxl-lightning-8step 8 (only 8)"
+GUIDANCE_HELP = "Default (allowed) per mode: sdxl-turbo 0 (only 0); sd-turbo 0 (only 0); lcm 8 (1-15, an embedding in the UNet); lcm-lora-sdxl 1 (0, or 1-2); lcm-lora-sd15 1 (0, or 1-2); sdxl-lightning-2step 0 (only 0); sdxl-lightning-4step 0 (only 0); sdxl-lightning-8step 0 (only 0)"
 OUTPUT_FORMATS = ["webp", "jpg", "png"]
 
 

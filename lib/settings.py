@@ -99,6 +99,16 @@ def size() -> Kind:
     return Kind("bytes, or with a unit: 500MB, 20GB, 20GiB", parse_bytes)
 
 
+def device() -> Kind:
+    def parse(name: str, text: str) -> str:
+        value = text.strip().lower()
+        if not re.fullmatch(r"cuda(:\d+)?|mps|cpu", value):
+            raise ValueError(f"{name}: {text!r} is not a device; allowed: cuda, cuda:N, mps, cpu")
+        return value
+
+    return Kind("`cuda`, `cuda:N`, `mps` or `cpu`", parse)
+
+
 def text() -> Kind:
     return Kind("text", lambda name, value: value)
 
@@ -168,6 +178,12 @@ def _modes() -> tuple[str, ...]:
     return tuple(MODES)
 
 
+def _default_modes() -> tuple[str, ...]:
+    from lib.engine.modes import DEFAULT_ENABLED
+
+    return DEFAULT_ENABLED
+
+
 COMPILE_TARGETS = ("unet", "vae", "text")
 COMPILE_SWITCH = {**{w: () for w in FALSE}, **{w: ("unet", "vae") for w in TRUE}}  # SPEED_COMPILE=1 / 0
 GROUPS = {
@@ -191,15 +207,16 @@ class Settings:
     # The declarations are a table: one each, kept as written.
     # fmt: off
     # -- engine --
-    enabled_modes = Var("ENABLED_MODES", "engine", names(_modes, "a mode"), lambda s: _modes(),
-        "comma-separated modes to load; requests for the others are refused with a clear error", shown="all")
+    enabled_modes = Var("ENABLED_MODES", "engine", names(_modes, "a mode"), lambda s: _default_modes(),
+        "comma-separated modes to load (and fetch); requests for the others are refused with a clear error",
+        shown="every mode but the opt-in ones (`sdxl-lightning-2step`, `sdxl-lightning-8step`)")
     safety_checker = Var("SAFETY_CHECKER", "engine", switch(), True,
         "`0`: no safety checker (not fetched, not loaded; `disable_safety_checker` then changes nothing)")
-    model_device = Var("MODEL_DEVICE", "engine", text(), None, "the torch device",
-        shown="`cuda` if available, else `cpu`")
+    model_device = Var("MODEL_DEVICE", "engine", device(), None, "the torch device",
+        shown="`cuda` if available, else `mps` (Apple silicon) if available, else `cpu`")
     model_dtype = Var("MODEL_DTYPE", "engine", choice("float16", "bfloat16", "float32"), None,
         "the models' dtype (bfloat16 needs compute capability 8.0+); only the SDXL VAE is upcast",
-        shown="`float16` on CUDA, `float32` on the CPU")
+        shown="`float16` on CUDA and MPS, `float32` on the CPU")
     device_memory_budget = Var("DEVICE_MEMORY_BUDGET", "engine", size(), None,
         "the memory plan's budget: modes that do not fit wait in host memory and move in when a request needs them",
         shown="the GPU's free memory")

@@ -23,11 +23,12 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(tiny_weights):
-    """The project's Predictor after setup() on the tiny weights, every mode enabled."""
+    """The project's Predictor after setup() on the tiny weights, every mode enabled (the opt-in ones too)."""
+    from lib.engine.modes import MODES
     from predict import Predictor
 
     # the tiny files are not the manifest's: WEIGHTS_OFFLINE
-    with environment(WEIGHTS_DIR=str(tiny_weights), WEIGHTS_OFFLINE="1", ENABLED_MODES=None):
+    with environment(WEIGHTS_DIR=str(tiny_weights), WEIGHTS_OFFLINE="1", ENABLED_MODES=",".join(MODES)):
         p = Predictor()
         p.setup()
     return p
@@ -62,7 +63,8 @@ def files(tmp_path_factory):
     }
 
 
-REALTIME_MODES = "sd-turbo,lcm"  # two modes with different step limits, for the page's controls
+# Modes with different step limits for the page's controls (SDXL-Lightning's: one allowed value).
+REALTIME_MODES = "sd-turbo,lcm,sdxl-lightning-4step"
 REALTIME_MAX_MESSAGE = 512 * 1024
 REALTIME_RATE = 40
 

@@ -52,8 +52,9 @@ def pixels(path):
 BASE = dict(mode="sd-turbo", width=256, height=256, output_format="png")
 
 
-def test_overlapping_requests_run_as_one_batch_and_match_solo_runs(batched, run):
-    inputs = [dict(BASE, prompt=f"prompt {i}", seed=100 + i, num_outputs=1 + i % 2) for i in range(4)]
+@pytest.mark.parametrize("mode", ["sd-turbo", "sdxl-lightning-4step"])
+def test_overlapping_requests_run_as_one_batch_and_match_solo_runs(batched, run, mode):
+    inputs = [dict(BASE, mode=mode, prompt=f"prompt {i}", seed=100 + i, num_outputs=1 + i % 2) for i in range(4)]
     results = batched(inputs)
     for (paths, metrics), request in zip(results, inputs, strict=True):
         assert metrics["batch.requests"] == 4 and metrics["batch.images"] == 6

@@ -8,6 +8,7 @@ import torch
 from lib.engine.engine import Engine
 from lib.engine.inputs import InputError
 from lib.engine.loading import WeightsMissingError, load_modes
+from lib.engine.modes import MODES
 from lib.settings import Settings
 
 
@@ -26,7 +27,7 @@ def test_identical_files_are_loaded_once(predictor):
     assert set(storage(turbo.unet).values()).isdisjoint(storage(base.unet).values())
 
 
-@pytest.mark.parametrize("mode", ["sdxl-turbo", "sd-turbo", "lcm", "lcm-lora-sdxl", "lcm-lora-sd15"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_img2img_shares_the_txt2img_modules(predictor, mode):
     loaded = predictor.engine.modes[mode]
     for name in ("unet", "vae", "text_encoder", "scheduler"):

@@ -32,7 +32,8 @@ def test_the_dry_run_runs_every_step(tmp_path):
     assert any(p["moved_s"] is not None for p in budget["predictions"])
     assert all(p["images"] == 1 for p in budget["predictions"])
     goals = steps["goals"]["cases"]
-    assert len(goals) == 6 and all(c["n"] >= 1 and c["p50_ms"] > 0 for c in goals.values())
+    assert len(goals) == 7 and all(c["n"] >= 1 and c["p50_ms"] > 0 for c in goals.values())
+    assert "sdxl-lightning-4step 1024, 4 steps" in goals
     assert goals["sd-turbo 512, TAESD, num_outputs 12"]["images_per_s"] > 0
     assert set(steps["plain"]["cases"]) == {name for name in goals if name.startswith(("sd-turbo", "sdxl-turbo"))}
     assert set(steps["compiled"]["cases"]) == {name for name in goals if name.startswith("sd-turbo")}

@@ -147,8 +147,18 @@ def read(paths) -> list[bytes]:
 # -- layouts, scale, isolation -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "mode,name",
-    [("lcm", "kohya-sd15"), ("sd-turbo", "peft-sd-turbo"), ("sdxl-turbo", "kohya-sdxl")],
-    ids=["kohya-sd15-with-text-encoder", "diffusers-layout", "kohya-sdxl-two-text-encoders"],
+    [
+        ("lcm", "kohya-sd15"),
+        ("sd-turbo", "peft-sd-turbo"),
+        ("sdxl-turbo", "kohya-sdxl"),
+        ("sdxl-lightning-4step", "kohya-sdxl"),
+    ],
+    ids=[
+        "kohya-sd15-with-text-encoder",
+        "diffusers-layout",
+        "kohya-sdxl-two-text-encoders",
+        "kohya-sdxl-on-a-fused-lightning-unet",
+    ],
 )
 def test_style_lora_changes_the_images_and_leaves_no_trace(predictor, run, server, mode, name):
     pipe = predictor.engine.modes[mode].txt2img

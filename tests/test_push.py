@@ -189,8 +189,10 @@ def test_a_boot_that_would_not_fit_is_refused_with_the_numbers(fake_tools, pinne
     assert f"about {plan.boot_s:.0f} s of Replicate's 600 s boot limit (a plan must stay under 450 s" in r.stdout
     assert "one model per mode" in r.stdout and "--bake-weights" in r.stdout
     assert not any(c.startswith("cog push") for c in calls(log))
-    # The same modes at a measured, faster link fit.
-    r = push_cli("--model", "owner/fast-sd", "--modes", every, "--bandwidth", "400", "--dry-run", path=path, env=env)
+    # The stated bandwidth decides: one mode over a slow link does not fit, at the default it does.
+    r = push_cli("--model", "owner/fast-sd", "--modes", "sd-turbo", "--bandwidth", "5", "--dry-run", path=path, env=env)
+    assert r.returncode == 1 and "FAIL boot fits" in r.stdout and "at 5 MB/s" in r.stdout, r.stdout
+    r = push_cli("--model", "owner/fast-sd", "--modes", "sd-turbo", "--dry-run", path=path, env=env)
     assert r.returncode == 0 and "ok   boot fits" in r.stdout, r.stdout
 
 

@@ -87,6 +87,17 @@ def test_a_prompt_gives_a_frame_at_the_modes_size(realtime_server):
     assert frame["ms"] > 0
 
 
+def test_an_sdxl_lightning_frame_comes_at_its_size_and_step_count(realtime_server):
+    async def go():
+        async with RealtimeClient.connect(realtime_server.ws_url) as c:
+            number = await c.settings(prompt="a lighthouse", seed=3, mode="sdxl-lightning-4step")
+            return await c.answer(number)
+
+    frame = run(go())
+    assert (frame["mode"], frame["num_inference_steps"], frame["fast_decode"]) == ("sdxl-lightning-4step", 4, True)
+    assert frame_image(frame).size == (1024, 1024)
+
+
 def test_a_painting_drives_img2img_and_the_frame_follows_it(realtime_server):
     async def go():
         async with RealtimeClient.connect(realtime_server.ws_url) as c:

@@ -51,8 +51,9 @@ def flag_everything(safety) -> None:
         safety.model.concept_embeds_weights.fill_(-2.0)
 
 
-def test_on_by_default_once_per_batch_nothing_flagged(run, checker):
-    paths, metrics = run(**BASE, num_outputs=3, seed=1)
+@pytest.mark.parametrize("mode", ["sd-turbo", "sdxl-lightning-4step"])
+def test_on_by_default_once_per_batch_nothing_flagged(run, checker, mode):
+    paths, metrics = run(**dict(BASE, mode=mode), num_outputs=3, seed=1)
     assert len(paths) == 3
     assert metrics["nsfw_flagged"] == 0 and metrics["timings.safety_checker"] > 0
     assert checker.calls == [3]

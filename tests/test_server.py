@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from lib.engine.images import EXIF_IMAGE_DESCRIPTION
-from lib.engine.modes import MODES
+from lib.engine.modes import DEFAULT_ENABLED
 from lib.testkit.cog_server import (
     WEBHOOK_TOKEN,
     CogServer,
@@ -70,10 +70,10 @@ def test_setup_was_a_cold_start_from_the_mirror(server):
     [
         (mode, fmt, size, n)
         for (mode, fmt, size, n) in zip(
-            MODES,
-            ["webp", "jpg", "png", "webp", "jpg"],
-            [(256, 320), (320, 256), (256, 256), (256, 320), (320, 256)],
-            [1, 2, 1, 2, 1],
+            DEFAULT_ENABLED,  # the server's modes: ENABLED_MODES unset
+            ["webp", "jpg", "png", "webp", "jpg", "png"],
+            [(256, 320), (320, 256), (256, 256), (256, 320), (320, 256), (256, 256)],
+            [1, 2, 1, 2, 1, 2],
             strict=True,
         )
     ],
@@ -197,7 +197,7 @@ def as_http_value(value, files):
     return value
 
 
-@pytest.mark.parametrize("inputs, named", [*mode_limit_cases(), *GENERAL_CASES])
+@pytest.mark.parametrize("inputs, named", [*mode_limit_cases(DEFAULT_ENABLED), *GENERAL_CASES])
 def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files, inputs, named):
     body = {"prompt": "a cat", "width": 256, "height": 256, **{k: as_http_value(v, files) for k, v in inputs.items()}}
     if any(isinstance(v, float) and not math.isfinite(v) for v in body.values()):

@@ -96,11 +96,15 @@ def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
     from lib.engine.images import read_settings
     from lib.engine.modes import TAESD, TAESDXL
 
-    engine = Engine(load_modes(tiny_weights, MODES, CPU, FP32), CPU, FP32)
+    modes = (*MODES, "sdxl-lightning-4step")  # SDXL-Lightning decodes with sdxl-turbo's TAESDXL, the same module
+    engine = Engine(load_modes(tiny_weights, modes, CPU, FP32), CPU, FP32)
     assert engine.modes["sd-turbo"].tiny_vae is not engine.modes["sdxl-turbo"].tiny_vae
+    assert engine.modes["sdxl-lightning-4step"].tiny_vae is engine.modes["sdxl-turbo"].tiny_vae
     assert (MODES_TABLE["sd-turbo"].weights.tiny_vae, MODES_TABLE["sdxl-turbo"].weights.tiny_vae) == (TAESD, TAESDXL)
-    for mode in MODES:
-        assert np.abs(plain[(mode, "taesd")] - plain[(mode, "vae")]).max() > 0
+    lightning = Engine({"sdxl-lightning-4step": engine.modes["sdxl-lightning-4step"]}, CPU, FP32)
+    both = {**plain, **pixels(lightning, tmp_path)}
+    for mode in modes:
+        assert np.abs(both[(mode, "taesd")] - both[(mode, "vae")]).max() > 0
         request = engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64, seed=1, fast_decode=True)
         assert batch_key(request) != batch_key(
             engine.request(prompt="x", mode=mode, width=SIZE, height=SIZE + 64, seed=1)

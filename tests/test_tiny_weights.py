@@ -9,7 +9,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, SDXL_BASE, SDXL_TURBO, TINY_VAE, all_repos
+from lib.engine.modes import (
+    LORA_WEIGHT_NAME,
+    MODES,
+    PIPELINE_CLASSES,
+    SDXL_BASE,
+    SDXL_LIGHTNING,
+    SDXL_TURBO,
+    TINY_VAE,
+    all_repos,
+)
 from lib.testkit.models import CONFIGS, LORA_ALPHA, LORA_RANK, write_weights
 
 REPOS = all_repos(MODES, safety_checker=True)  # the SD 1.5 repo with the safety checker's folders too
@@ -28,6 +37,8 @@ def sha256(path: Path) -> str:
 
 def expected_files(repo) -> tuple[set[str], set[str]]:
     """(every file of the repo, those copied verbatim from lib/configs), as in the real repo."""
+    if repo.repo_id == SDXL_LIGHTNING.repo_id:  # ByteDance's names, one LoRA per step count
+        return {f"sdxl_lightning_{n}step_lora.safetensors" for n in (2, 4, 8)}, set()
     if not repo.components:
         return {LORA_WEIGHT_NAME}, set()
     if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one model at the repo's root
@@ -158,15 +169,16 @@ def test_lcm_lora_has_the_kohya_layout(tiny_weights):
         assert f.get_tensor(f"{conv}.lora_up.weight").abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode_name", ["lcm-lora-sdxl", "lcm-lora-sd15"])
-def test_lcm_lora_loads_every_key_and_fusing_changes_the_unet(tiny_weights, mode_name):
-    lora = tiny_weights / MODES[mode_name].weights.lora.repo_id
+@pytest.mark.parametrize("mode_name", ["lcm-lora-sdxl", "lcm-lora-sd15", "sdxl-lightning-4step"])
+def test_fused_loras_load_every_key_and_fusing_changes_the_unet(tiny_weights, mode_name):
+    weights = MODES[mode_name].weights
+    lora = tiny_weights / weights.lora.repo_id
     pipe = load_pipeline(tiny_weights, mode_name)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     with library_warnings() as warnings:
-        pipe.load_lora_weights(lora, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+        pipe.load_lora_weights(lora, weight_name=weights.lora_file, adapter_name="lcm")
     injected = [n for n, m in pipe.unet.named_modules() if "lcm" in getattr(m, "lora_A", {})]
-    with safe_open(lora / LORA_WEIGHT_NAME, "pt") as f:
+    with safe_open(lora / weights.lora_file, "pt") as f:
         in_file = [k for k in f.keys() if k.endswith(".lora_down.weight")]
     assert len(injected) == len(in_file) > 0  # every key found its module
     # The only warning: the file has no text-encoder keys (nor has the real one). Unmatched keys would warn.
@@ -185,7 +197,9 @@ def test_every_mode_draws_a_256px_image(tiny_weights, mode_name):
     mode = MODES[mode_name]
     pipe = load_pipeline(tiny_weights, mode_name)
     if mode.weights.scheduler:
-        pipe.scheduler = getattr(diffusers, mode.weights.scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, mode.weights.scheduler).from_config(
+            pipe.scheduler.config, **dict(mode.weights.scheduler_config)
+        )
     image = pipe(
         "a photo of a cat",
         height=256,

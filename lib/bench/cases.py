@@ -56,6 +56,16 @@ GOALS = [
         "anchor": "700 ms (4090, eager)",
     },
     {
+        "name": "sdxl-lightning-4step 1024, 4 steps",
+        "mode": "sdxl-lightning-4step",
+        "size": 1024,
+        "steps": 4,
+        "batch": 1,
+        "fast_decode": False,
+        "goal_ms": 250,  # the same work as lcm-lora-sdxl's goal: 4 SDXL UNet steps without CFG, one VAE decode
+        "anchor": "-",
+    },
+    {
         "name": "sd-turbo 512, TAESD, num_outputs 12",
         "mode": "sd-turbo",
         "size": 512,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lib.engine.devices import synchronize
+
 
 def device_info(device: torch.device) -> dict:
     import diffusers
@@ -39,6 +41,8 @@ def device_info(device: torch.device) -> dict:
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
         )
+    elif device.type == "mps":
+        info.update(device=f"MPS ({info['cpu']})", memory_gb=round(torch.mps.recommended_max_memory() / 2**30, 1))
     else:
         info["device"] = f"CPU ({info['cpu']}, {os.cpu_count()} cores)"
     return info
@@ -61,14 +65,17 @@ def slug(device: torch.device) -> str:
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
 
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # process peak RSS (KiB -> GiB)
+    if device.type == "mps":  # MPS keeps no peak: what Metal holds for the process now
+        return round(torch.mps.driver_allocated_memory() / 2**30, 2)
+    # The process's peak RSS: KiB on Linux, bytes on macOS.
+    unit = 1 if platform.system() == "Darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**30, 2)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -80,6 +87,8 @@ def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def median_ms(values) -> float | None:

@@ -41,7 +41,16 @@ from lib.stats import stats_ms
 BUDGET = "24GB"  # the consumer cards: RTX 4090, A10G, L4
 PER_REQUEST = 4  # a goal of more images runs as concurrent requests of this many, batched
 # The order of the budget step's predictions: the least recently used mode is the next one asked for.
-BUDGET_ORDER = ["sdxl-turbo", "sd-turbo", "lcm", "lcm-lora-sdxl", "lcm-lora-sd15", "sdxl-turbo", "lcm-lora-sd15"]
+BUDGET_ORDER = [
+    "sdxl-turbo",
+    "sd-turbo",
+    "lcm",
+    "lcm-lora-sdxl",
+    "lcm-lora-sd15",
+    "sdxl-lightning-4step",
+    "sdxl-turbo",
+    "lcm-lora-sd15",
+]
 
 
 class Check:
@@ -204,10 +213,10 @@ class Check:
         from lib.engine.engine import plan_memory
         from lib.engine.loading import ComponentLoader
         from lib.engine.memory import MARGIN
-        from lib.engine.modes import MODES
+        from lib.engine.modes import DEFAULT_ENABLED
 
-        plan = plan_memory(ComponentLoader(self.device, torch.float32), self.weights_dir, tuple(MODES), True)
-        return str(math.ceil((plan.working + 0.75 * plan.weights(MODES)) / (1 - MARGIN)))
+        plan = plan_memory(ComponentLoader(self.device, torch.float32), self.weights_dir, DEFAULT_ENABLED, True)
+        return str(math.ceil((plan.working + 0.75 * plan.weights(DEFAULT_ENABLED)) / (1 - MARGIN)))
 
     def goals(self, env: dict, names=None) -> dict:
         p = self.predictor(env)

@@ -36,9 +36,10 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def to_host(pixels: torch.Tensor) -> torch.Tensor:
-    """The pixels copied to host memory without waiting (pinned memory; a CUDA event says when they are there)."""
+    """The pixels copied to host memory without waiting (pinned memory; a CUDA event says when they are there).
+    Elsewhere a plain copy: MPS has neither pinned memory nor events (the copy waits for the decode)."""
     if pixels.device.type != "cuda":
-        return pixels
+        return pixels.cpu()  # the same tensor where it is on the CPU already
     host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
     host.copy_(pixels, non_blocking=True)
     return host

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib.engine import decoding, images, memory, precision, prompts, speed
+from lib.engine import decoding, devices, images, memory, precision, prompts, speed
 from lib.engine.inputs import InputError, Request, resolve_request
-from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
+from lib.engine.loading import ComponentLoader, LoadedMode, check_present, load_modes, mode_parts
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
 from lib.engine.prompts import PromptCache
@@ -118,7 +118,8 @@ class Engine:
         switches: speed.Switches | None = None,
     ) -> Engine:
         """Plan the device memory, load the modes (each module where the plan puts it), apply the fast path."""
-        device = torch.device(device or choose_device())
+        device, chosen_by = (torch.device(device), "the caller") if device else devices.choose_from_env()
+        log.info("device %s, chosen by %s", devices.describe(device), chosen_by)
         dtypes = precision.choose(device, requested=Settings().model_dtype)
         dtype = dtype or dtypes.model
         switches = switches or speed.Switches.from_env(device)
@@ -133,11 +134,12 @@ class Engine:
         started = time.perf_counter()
         modes = load_modes(weights_dir, mode_names, device, dtype, loader)
         log.info(
-            "loaded %s on %s (%s) in %.1f s",
+            "loaded %s on %s (%s) in %.1f s%s",
             ", ".join(mode_names),
             device,
             str(dtype).removeprefix("torch."),
             time.perf_counter() - started,
+            f"; device memory: {devices.memory_line(device)}" if device.type != "cpu" else "",
         )
         safety = load_safety_checker(weights_dir, device, dtype)
         engine = cls(modes, device, dtype, safety, None)
@@ -155,6 +157,7 @@ class Engine:
         settings = Settings()
         settings.check()  # a bad value of any variable fails setup now, naming it
         weights_dir, names = settings.weights_dir, settings.enabled_modes
+        devices.choose_from_env()  # a MODEL_DEVICE this machine lacks fails now, not after the downloads
         if not settings.weights_offline:
             ensure_weights(names, weights_dir, log=log.info, safety_checker=settings.safety_checker)
         return cls.load(weights_dir, names)
@@ -237,8 +240,8 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
         source = "DEVICE_MEMORY_BUDGET"
     elif device.type == "cuda":
         budget, source = torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
-    else:
-        budget, source = None, "the CPU"
+    else:  # the CPU, and MPS, whose unified memory is the host's: every mode stays where it is
+        budget, source = None, "the CPU" if device.type == "cpu" else f"{device.type} (unified memory)"
     sizes, mode_modules, working = {}, {}, {}
     for name in mode_names:
         mode, parts = MODES[name], mode_parts(loader, weights_dir, MODES[name])

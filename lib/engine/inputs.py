@@ -217,7 +217,8 @@ def resolve_steps(mode: Mode, value) -> int:
     steps = mode.steps.default if value is None else value
     lo, hi = mode.steps.range
     if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or not lo <= steps <= hi:
-        raise InputError(f"num_inference_steps: {steps!r} is not allowed for mode {mode.name}; allowed: {lo} to {hi}")
+        allowed = f"only {lo} (the mode's checkpoint is distilled for that many steps)" if lo == hi else f"{lo} to {hi}"
+        raise InputError(f"num_inference_steps: {steps!r} is not allowed for mode {mode.name}; allowed: {allowed}")
     return int(steps)
 
 

@@ -21,9 +21,9 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from lib.engine import devices
 from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
 from lib.engine.precision import needs_upcast
-from lib.settings import Settings
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -46,6 +46,7 @@ PROVENANCE_KEYS = (
 
 
 DECODERS = ("AutoencoderKL", "AutoencoderTiny")
+FUSED_ADAPTER = "fused"  # the name a mode's own LoRA has between loading and fusing
 
 
 class WeightsMissingError(RuntimeError):
@@ -67,8 +68,8 @@ class LoadedMode:
 
 
 def choose_device() -> torch.device:
-    """CUDA where there is one; MODEL_DEVICE overrides."""
-    return torch.device(Settings().model_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """MODEL_DEVICE where set, else CUDA, else MPS, else the CPU (lib/engine/devices.py)."""
+    return devices.choose_from_env()[0]
 
 
 def repo_dir(weights_dir: Path, repo: Repo) -> Path:
@@ -207,7 +208,11 @@ def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> dict[s
         if component == "scheduler" or component.startswith("tokenizer"):
             continue
         library, class_name = index[component]
-        lora = mode.weights.lora.repo_id if mode.weights.lora and component == "unet" else None
+        lora = (
+            f"{mode.weights.lora.repo_id}/{mode.weights.lora_file}"
+            if mode.weights.lora and component == "unet"
+            else None
+        )
         parts[component] = loader.part(path, mode.weights.repo, component, library, class_name, lora)
     if mode.weights.tiny_vae:
         parts[TINY_VAE] = loader.part(
@@ -230,8 +235,8 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
         cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
         if component == "scheduler":  # stateful during a run: every pipeline gets its own
             components[component] = getattr(diffusers, mode.weights.scheduler or class_name).from_pretrained(
-                path, subfolder=component
-            )  # a replacement class keeps the repo's betas and spacing config
+                path, subfolder=component, **dict(mode.weights.scheduler_config)
+            )  # a replacement class keeps the repo's betas and spacing config, but for the values the mode sets
         elif component.startswith("tokenizer"):
             key = (mode.weights.repo.repo_id, component)
             if key not in loader.loaded:
@@ -241,7 +246,7 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
             components[component] = loader.load(parts[component])
     pipes = assemble(mode, components, index.get("force_zeros_for_empty_prompt", True))
     if mode.weights.lora:
-        fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.weights.lora))
+        fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.weights.lora), mode.weights.lora_file)
     if TINY_VAE in parts:
         pipes.tiny_vae = loader.load(parts[TINY_VAE])
     return pipes
@@ -267,21 +272,21 @@ def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool) -
     return LoadedMode(mode, txt2img, img2img)
 
 
-def fuse_lora(pipe, lora_dir: Path) -> None:
-    """Fuse the LCM-LoRA into the UNet: LCM speed with no LoRA cost per step."""
+def fuse_lora(pipe, lora_dir: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
+    """Fuse a mode's LoRA (LCM-LoRA, SDXL-Lightning) into the UNet: its speed with no LoRA cost per step."""
     level = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # else: a warning that the LoRA has no text-encoder keys
     try:
-        pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHT_NAME, adapter_name="lcm")
+        pipe.load_lora_weights(lora_dir, weight_name=weight_name, adapter_name=FUSED_ADAPTER)
     finally:
         diffusers.utils.logging.set_verbosity(level)
     # diffusers only warns about LoRA keys that match no module (silenced above): count instead.
-    injected = sum("lcm" in getattr(m, "lora_A", {}) for m in pipe.unet.modules())
-    with safe_open(lora_dir / LORA_WEIGHT_NAME, "pt") as f:
+    injected = sum(FUSED_ADAPTER in getattr(m, "lora_A", {}) for m in pipe.unet.modules())
+    with safe_open(lora_dir / weight_name, "pt") as f:
         in_file = sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in f.keys())
     if injected != in_file:
         raise RuntimeError(
-            f"{lora_dir / LORA_WEIGHT_NAME}: {in_file} LoRA modules in the file but {injected} "
+            f"{lora_dir / weight_name}: {in_file} LoRA modules in the file but {injected} "
             "matched the UNet; is it the LoRA for this base model?"
         )
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)

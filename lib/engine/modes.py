@@ -20,6 +20,10 @@ PIPELINE_CLASSES = {
 }
 
 
+# The file a diffusers LoRA repo holds (the LCM-LoRAs).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
 @dataclass(frozen=True)
 class Repo:
     """A Hugging Face model repo as setup() reads it: WEIGHTS_DIR/<repo_id>/<path_in_repo>."""
@@ -30,6 +34,10 @@ class Repo:
     # Subfolders the engine loads (a mode's pipeline has no safety checker: that is SAFETY_CHECKER, below).
     components: tuple[str, ...]
     licence: str
+    # A LoRA repo (no components): the LoRA files the engine reads from it, () for the diffusers name alone. One repo
+    # may hold several (ByteDance's 2-, 4- and 8-step LoRAs): a mode names its own file, and all_repos gathers the
+    # files of the enabled modes.
+    lora_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class Steps:
     range: tuple[int, int]
 
     def describe(self) -> str:
+        if self.range[0] == self.range[1]:  # a checkpoint distilled for one step count
+            return f"{self.default} (only {self.default})"
         return f"{self.default} ({self.range[0]}-{self.range[1]})"
 
 
@@ -75,6 +85,13 @@ class Weights:
     scheduler: str | None = None  # replaces the repo's scheduler class (keeping its config); None keeps it
     # The tiny autoencoder (TAESD / TAESDXL) that decodes the same latents ~10x faster: the `fast_decode` input.
     tiny_vae: Repo | None = None
+    # Scheduler config values that replace the repo's (as `Scheduler.from_config(config, **these)` does).
+    scheduler_config: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def lora_file(self) -> str | None:
+        """The file of `lora` this mode fuses."""
+        return None if self.lora is None else (self.lora.lora_files or (LORA_WEIGHT_NAME,))[0]
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,8 @@ class Mode:
     guidance: Guidance
     size: int  # default width and height; img2img keeps this many pixels at the input's aspect ratio
     weights: Weights
+    # Loaded only where ENABLED_MODES names it (each costs a full UNet of memory): not in the default set.
+    opt_in: bool = False
 
     @property
     def summary(self) -> str:
@@ -97,7 +116,9 @@ class Mode:
             if not self.guidance.range
             else f"guidance {self.guidance.short()}"
         )
-        return f"{self.title}: {self.steps.range[0]}-{self.steps.range[1]} steps, {guidance}, {self.size}px"
+        lo, hi = self.steps.range
+        steps = f"{lo} steps" if lo == hi else f"{lo}-{hi} steps"
+        return f"{self.title}: {steps}, {guidance}, {self.size}px"
 
     def uses_cfg(self, guidance: float) -> bool:
         """Classifier-free guidance runs at guidance > 1 (where the guidance is not embedded); a negative prompt
@@ -121,7 +142,6 @@ SDXL_BASE = Repo("stabilityai/stable-diffusion-xl-base-1.0", "fp16", SDXL_COMPON
 SD15 = Repo("stable-diffusion-v1-5/stable-diffusion-v1-5", "fp16", SD_COMPONENTS, "CreativeML Open RAIL-M")
 LCM_LORA_SDXL = Repo("latent-consistency/lcm-lora-sdxl", None, (), "Open RAIL++-M")
 LCM_LORA_SD15 = Repo("latent-consistency/lcm-lora-sdv1-5", None, (), "Open RAIL++-M")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The standard SD safety checker (CLIP ViT-L/14 image tower + concept embeddings), one for every mode. Only these
 # two folders of the SD 1.5 repo: enabling an SDXL mode fetches them, not the SD 1.5 UNet (lib/engine/safety.py).
 SAFETY_CHECKER = Repo(SD15.repo_id, "fp16", ("safety_checker", "feature_extractor"), SD15.licence)
@@ -155,7 +175,43 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          weights=Weights(repo=SD15, lora=LCM_LORA_SD15, scheduler="LCMScheduler", tiny_vae=TAESD)),
 )}
 # fmt: on
+
+# SDXL-Lightning (ByteDance): SDXL base distilled for exactly 2, 4 or 8 steps, each published as a full UNet
+# (5.14 GB) and as a LoRA (394 MB) of SDXL base. The LoRAs are used, fused at load: in memory a fused UNet is a full
+# UNet either way, but a LoRA downloads in 394 MB beside the SDXL base files the lcm-lora-sdxl mode already fetches
+# (docs/serving.md, "Modes and what a model downloads at boot"). The model card's settings: Euler with "trailing"
+# timesteps, guidance 0. The 1-step checkpoint (an x0-predicting UNet, no LoRA, marked experimental by its authors)
+# is left out. Only the 4-step mode is in the default set; the 2- and 8-step ones are enabled by naming them in
+# ENABLED_MODES.
+SDXL_LIGHTNING = Repo("ByteDance/SDXL-Lightning", None, (), "CreativeML Open RAIL++-M")
+LIGHTNING_SCHEDULER = (("timestep_spacing", "trailing"),)
+
+
+def lightning_mode(steps: int, opt_in: bool) -> Mode:
+    lora = replace(SDXL_LIGHTNING, lora_files=(f"sdxl_lightning_{steps}step_lora.safetensors",))
+    return Mode(
+        name=f"sdxl-lightning-{steps}step",
+        title=f"SDXL base + SDXL-Lightning {steps}-step LoRA",
+        family=SDXL,
+        base_model="SDXL",
+        size=1024,
+        steps=Steps(default=steps, range=(steps, steps)),
+        guidance=TURBO_GUIDANCE,
+        weights=Weights(
+            repo=SDXL_BASE,
+            lora=lora,
+            scheduler="EulerDiscreteScheduler",
+            scheduler_config=LIGHTNING_SCHEDULER,
+            tiny_vae=TAESDXL,
+        ),
+        opt_in=opt_in,
+    )
+
+
+MODES.update((m.name, m) for m in (lightning_mode(2, True), lightning_mode(4, False), lightning_mode(8, True)))
 DEFAULT_MODE = "sdxl-turbo"
+# What ENABLED_MODES means when unset: every mode but the opt-in ones.
+DEFAULT_ENABLED = tuple(name for name, m in MODES.items() if not m.opt_in)
 
 
 # -- what the table says, for the predictor's inputs and the README ------------------------------------------------
@@ -195,17 +251,23 @@ def markdown_table() -> str:
     def link(repo: Repo) -> str:
         return f"[{repo.repo_id}](https://huggingface.co/{repo.repo_id})"
 
+    def lora(m: Mode) -> str:
+        w = m.weights
+        if not w.lora:
+            return ""
+        named = f" `{w.lora_file}`" if w.lora_file != LORA_WEIGHT_NAME else ""  # one of several files in the repo
+        return f" + {link(w.lora)}{named}, fused"
+
     rows = [
-        "| `mode` | weights | steps: default (allowed) | guidance: default (allowed) | default size |",
-        "|---|---|---|---|---|",
+        "| `mode` | weights | steps: default (allowed) | guidance: default (allowed) | default size | licence |",
+        "|---|---|---|---|---|---|",
     ]
     for m in MODES.values():
-        w = m.weights
-        weights = link(w.repo) + (f" + {link(w.lora)}, fused" if w.lora else "")
-        name = f"`{m.name}`" + (" (default)" if m.name == DEFAULT_MODE else "")
+        licences = " + ".join(dict.fromkeys(r.licence for r in (m.weights.repo, m.weights.lora) if r))
+        name = f"`{m.name}`" + (" (default)" if m.name == DEFAULT_MODE else "") + (" (opt-in)" if m.opt_in else "")
         rows.append(
-            f"| {name} | {weights} | {m.steps.describe()} | {m.guidance.default:g} ({m.guidance.short()}) "
-            f"| {m.size}x{m.size} |"
+            f"| {name} | {link(m.weights.repo)}{lora(m)} | {m.steps.describe()} | {m.guidance.default:g} "
+            f"({m.guidance.short()}) | {m.size}x{m.size} | {licences} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -220,6 +282,10 @@ def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:
             seen[repo.repo_id] = replace(
                 had, components=had.components + tuple(c for c in repo.components if c not in had.components)
             )
+        had = seen[repo.repo_id]
+        if not set(repo.lora_files) <= set(had.lora_files):  # LoRA files of one repo, several modes
+            added = tuple(f for f in repo.lora_files if f not in had.lora_files)
+            seen[repo.repo_id] = replace(had, lora_files=had.lora_files + added)
     return list(seen.values())
 
 
@@ -237,7 +303,7 @@ def weight_file(repo: Repo, component: str) -> str:
 def repo_files(repo: Repo) -> list[str]:
     """Files (relative to the repo) the engine reads from `repo`: what setup() checks and the manifest lists."""
     if not repo.components:  # a LoRA repo
-        return [LORA_WEIGHT_NAME]
+        return list(repo.lora_files or (LORA_WEIGHT_NAME,))
     if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one diffusers model at the repo's root
         return ["config.json", "diffusion_pytorch_model.safetensors"]
     files = ["model_index.json"]

@@ -11,6 +11,11 @@
 - T4-class cards (compute capability 7.x: T4, V100): float16 everywhere, the SDXL VAE in float32 (about
   twice the decode time of fp16); `fast_decode` (TAESDXL, fp16-safe) avoids that cost. MODEL_DTYPE=bfloat16 is
   refused there instead of running emulated.
+- MPS (Apple silicon): float16, as diffusers' MPS guide runs it (fp32, as Replicate's LCM-on-Mac script ran it, is
+  safe but twice the memory: MODEL_DTYPE=float32). The VAEs that force an upcast (SDXL's) in float32: fp16 SDXL VAEs
+  give black or NaN images on Apple GPUs, and bfloat16 there is newer than what this package was checked against.
+  (The other known MPS failure, NaN images from sliced attention in SDXL, cannot happen: the engine never slices
+  attention; it runs torch's SDPA kernel, which MPS has.) Not measured on a Mac: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def choose(device: torch.device, capability: tuple[int, int] | None = None, requ
     device = torch.device(device)
     if requested is not None and requested not in DTYPES:
         raise ValueError(f"MODEL_DTYPE: {requested!r} is not a dtype; allowed: {', '.join(DTYPES)}")
+    if device.type == "mps":
+        return Precision(getattr(torch, requested or "float16"), torch.float32, native_bf16=False)
     if device.type != "cuda":
         return Precision(getattr(torch, requested or "float32"), torch.float32, native_bf16=False)
     capability = capability or torch.cuda.get_device_capability(device)

@@ -31,7 +31,11 @@ Variable (default on CUDA / on the CPU): what it does.
   (0: inline). SPEED_WEBP_METHOD (0): libwebp effort; 0 is 4x faster than 4 at 512px, same PSNR, +12% bytes.
   (Both read by lib/engine/images.py.)
 
-LoRA fusing is not a switch: the LCM-LoRAs are always fused at load (lib/engine/loading.fuse_lora).
+On MPS (Apple silicon) the defaults are the CPU's, and what only CUDA has (TF32, cuDNN autotuning, CUDA graphs, the
+autotuning compile modes) is turned off even where asked for, with one line in the log (`without_cuda_only`).
+
+LoRA fusing is not a switch: the modes' own LoRAs (LCM-LoRA, SDXL-Lightning) are always fused at load
+(lib/engine/loading.fuse_lora).
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ from lib.engine.precision import choose as choose_precision
 from lib.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+# The switches only CUDA has, by the variable that sets each; and the compile modes that autotune with Triton or
+# capture CUDA graphs.
+CUDA_ONLY = {"tf32": "SPEED_TF32", "cudnn_benchmark": "SPEED_CUDNN_BENCHMARK", "cuda_graphs": "SPEED_CUDA_GRAPHS"}
+CUDA_COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class Switches:
             "warmup": default(s.speed_warmup, fast and cuda),
         }
         values.update(overrides)
+        if torch.device(device).type == "mps":
+            values = without_cuda_only(values)
         if values["cuda_graphs"] and "unet" not in values["compile"]:
             values["compile"] = ("unet", *values["compile"])  # CUDA graphs come through torch.compile
         if not values["compile_mode"]:
@@ -104,6 +116,22 @@ class Switches:
         if self.compile:
             extra.append(f"compile={','.join(self.compile)} ({self.compile_mode}, {self.compile_backend})")
         return ", ".join(on + extra)
+
+
+def without_cuda_only(values: dict) -> dict:
+    """On MPS: the switch values with what only CUDA has turned off, and one line in the log saying so (not an
+    error: the same settings serve a GPU box and a Mac). Pinned host memory and CUDA-event timings need no switch:
+    the code that uses them runs on CUDA only."""
+    off = {name: False for name in CUDA_ONLY if values[name]}
+    if values["compile_mode"] in CUDA_COMPILE_MODES:
+        off["compile_mode"] = ""  # torch.compile's default mode
+    asked = [f"{CUDA_ONLY.get(k, 'SPEED_COMPILE_MODE')}={1 if values[k] is True else values[k]}" for k in off]
+    log.info(
+        "fast path on mps: CUDA graphs, TF32, cuDNN autotuning, the autotuning compile modes, pinned host memory and "
+        "CUDA-event timings are CUDA's only, so off (stage timings wait for the device instead)%s",
+        f"; asked for and turned off: {', '.join(asked)}" if asked else "",
+    )
+    return {**values, **off}
 
 
 def _unique(modules) -> list:

@@ -333,20 +333,30 @@ def write_safety_checker(repo: Repo, component: str, repo_dir: Path, scale: Scal
 
 def lora_base(repo: Repo) -> Repo:
     """The repo whose UNet a LoRA repo is fused into, from the mode table."""
-    return next(m.weights.repo for m in MODES.values() if m.weights.lora == repo)
+    return next(m.weights.repo for m in MODES.values() if m.weights.lora and m.weights.lora.repo_id == repo.repo_id)
 
 
 def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
-    """The LCM-LoRA for the base UNet, in the kohya layout of the real file (fp16):
-    lora_unet_<module_path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha."""
+    """Each LoRA file of the repo for its base UNet (`write_lora`)."""
     base = lora_base(repo)
     config = unet_config(base, scale)
     if scale.full:  # the module tree alone: shapes, no weights
         unet = construct(lambda: diffusers.UNet2DConditionModel.from_config(config))
     else:
         unet = build("diffusers", "UNet2DConditionModel", config, seed(base.repo_id, "unet"))
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    if not repo.lora_files:  # the diffusers name: one LoRA in the repo
+        return [write_lora(unet, repo_dir / LORA_WEIGHT_NAME, seed(repo.repo_id, "lora"), scale)]
+    return [write_lora(unet, repo_dir / name, seed(repo.repo_id, name), scale) for name in repo.lora_files]
+
+
+def write_lora(unet, path: Path, seed_value: int, scale: Scale = TINY) -> Path:
+    """A LoRA for `unet` in the kohya layout (fp16): lora_unet_<module_path_with_underscores>.lora_down.weight /
+    .lora_up.weight / .alpha. That is the real LCM-LoRA files' layout; ByteDance's SDXL-Lightning LoRAs are taken to
+    share it (rank 64 on the same modules: the 4-step file is 393,854,592 bytes, 32 fewer than the LCM-LoRA SDXL
+    file before metadata was added to it, so the same tensors under a slightly different header)."""
     rank, alpha = (LORA_FULL_RANK, LORA_FULL_ALPHA) if scale.full else (LORA_RANK, LORA_ALPHA)
-    generator = torch.Generator().manual_seed(seed(repo.repo_id, "lora"))
+    generator = torch.Generator().manual_seed(seed_value)
     tensors = {}
     for name, module in unet.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not any(
@@ -363,9 +373,8 @@ def write_lora_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Pat
         tensors[f"{key}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) * 0.1).half()
         tensors[f"{key}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 0.1).half()
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
-    repo_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, repo_dir / LORA_WEIGHT_NAME)
-    return [repo_dir / LORA_WEIGHT_NAME]
+    save_file(tensors, path)
+    return path
 
 
 # TAESD / TAESDXL (AutoencoderTiny): the real block layout with few channels and one block per stage.
@@ -453,19 +462,23 @@ def build_component(repo_id: str, component: str, *, device, dtype, seed_value: 
 def build_components(mode: Mode, *, device, dtype, shared: dict | None = None) -> dict:
     """The components `loading.assemble` takes for `mode`. Components stored in equal files are built once across
     calls sharing `shared` (the SDXL text encoders are one file in reality, and the loader shares them too). The
-    LCM-LoRA modes get their base UNet: a fused LoRA changes weights, not work."""
+    LoRA modes get their base UNet, one copy per mode as the loader fuses one (a fused LoRA changes weights, not
+    work)."""
     shared = {} if shared is None else shared
     repo, index = mode.weights.repo, real_config(mode.weights.repo.repo_id, "model_index.json")
     components: dict = {}
     for component in repo.components:
         if component == "scheduler":
             cls = getattr(diffusers, mode.weights.scheduler or index["scheduler"][1])
-            components[component] = cls.from_config(real_config(repo.repo_id, "scheduler/scheduler_config.json"))
+            config = real_config(repo.repo_id, "scheduler/scheduler_config.json")
+            components[component] = cls.from_config(config, **dict(mode.weights.scheduler_config))
             continue
         if component.startswith("tokenizer"):
             components[component] = tokenizer(repo.repo_id, component)
             continue
         key = (SEED_OWNER.get((repo.repo_id, component), repo.repo_id), component)
+        if component == "unet" and mode.weights.lora:  # each fused UNet is its own copy, as the loader makes it
+            key += (mode.weights.lora_file,)
         if key not in shared:
             # An upcast VAE (SDXL's) is built as diffusers loads it, in fp32; lib/engine/speed.py may change that.
             upcast = component == "vae" and needs_upcast(real_config(repo.repo_id, "vae/config.json"))

@@ -45,6 +45,7 @@ from lib.settings import Settings
 BLOCK = 1 << 20  # read/write unit: big enough to keep Python's per-call overhead small
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
+FDATASYNC = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 # What a flaky network raises (resets, truncated bodies, timeouts); a full disk (plain OSError) is not one.
 NET_ERRORS = (
     requests.RequestException,
@@ -549,7 +550,7 @@ class _Partial:
         flags = os.O_RDWR | os.O_CREAT | (0 if self.done else os.O_TRUNC)
         self.fd = os.open(job.partial, flags, 0o644)
         self._lock = threading.Lock()
-        if not self.done and job.size:
+        if not self.done and job.size and hasattr(os, "posix_fallocate"):  # not on macOS: files grow as written
             # Reserving the blocks up front makes the writeback of the parallel chunks sequential (fsync
             # then costs far less: docs/benchmarks.md) and turns a full disk into an error now, not later.
             try:
@@ -618,7 +619,7 @@ class _Flusher:
             if self.stopped:
                 return
             self.pending.clear()
-            os.fdatasync(self.fd)
+            FDATASYNC(self.fd)
 
     def kick(self) -> None:
         self.pending.set()
