@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 
 from cog import BaseRunner, Input, Path
 
+from lib import cog_inputs
 from lib.engine import inputs, modes
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine
@@ -30,6 +31,7 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         self.engine = Engine.from_env()
         self.batcher = Batcher(self.engine)
+        cog_inputs.install(self.run)  # `image`: only what Cog fetched for the request (lib/cog_inputs.py)
         if self.engine.switches.warmup:  # on the thread that will serve the predictions
             self.batcher.warm_up()
 
@@ -73,7 +75,10 @@ class Predictor(BaseRunner):
             le=inputs.SEED_RANGE[1],
             description="Random if not set; image i uses seed + i",
         ),
-        image: Optional[Path] = Input(default=None, description="Input image: turns the prediction into img2img"),
+        image: Optional[Path] = Input(
+            default=None,
+            description="Input image, turns the prediction into img2img: an https URL or a data URI of a PNG, JPEG or WebP image (up to 50 MiB and 4096x4096 pixels)",
+        ),
         strength: float = Input(
             default=0.5,
             ge=inputs.STRENGTH_RANGE[0],
@@ -108,6 +113,7 @@ class Predictor(BaseRunner):
             "decoding, slightly softer fine detail",
         ),
     ) -> Iterator[Path]:
+        image = cog_inputs.received("image", image)  # never a path to a file already on the server
         request = self.engine.request(
             prompt=prompt,
             negative_prompt=negative_prompt,

@@ -409,6 +409,19 @@ def test_bad_batch_files_are_clear_errors(tmp_path):
     assert r.returncode == 2 and f"{bad}:2: not JSON" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("image", ["photo.png", "/etc/hostname", "file:///etc/hostname", 7])
+def test_a_batch_file_image_must_be_a_url_or_a_data_uri(tmp_path, image):
+    """A path would be sent as it is, and name a file on the server: refused before anything is sent."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    batch = tmp_path / "batch.jsonl"
+    ok = {"prompt": "a", "image": "data:image/png;base64,iVBORw0KGgo=", "strength": 0.5}
+    batch.write_text(json.dumps(ok) + "\n" + json.dumps({"prompt": "b", "image": image}) + "\n")
+    r = cli("--ledger", tmp_path / "l.sqlite", "submit", batch, "--webhook", "http://x", "--cog-url", "http://x")
+    assert r.returncode == 2, r.stderr
+    assert f"{batch}:2: image: {image!r} is not a URL or a data URI" in r.stderr and "allowed: a URL" in r.stderr
+    assert not (tmp_path / "l.sqlite").exists() or not Ledger(tmp_path / "l.sqlite").jobs()
+
+
 # -- the Replicate API path --------------------------------------------------------------------------------------
 class ReplicateStandIn:
     """A loopback stand-in for api.replicate.com, just enough for the `replicate` client: model lookup and
