@@ -8,10 +8,10 @@ from typing import Iterator, Optional
 from cog import BaseRunner, Input, Path
 
 from lib import cog_inputs
+from lib.cog_outputs import Outputs
 from lib.engine import inputs, modes
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine
-from lib.engine.images import new_output_dir
 from lib.engine.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
 
 # The model description users see: the turbo modes' weights are licensed for non-commercial use only.
@@ -32,6 +32,7 @@ class Predictor(BaseRunner):
         self.engine = Engine.from_env()
         self.batcher = Batcher(self.engine)
         cog_inputs.install(self.run)  # `image`: only what Cog fetched for the request (lib/cog_inputs.py)
+        self.outputs = Outputs.from_env()  # output files: removed once Cog has read them (lib/cog_outputs.py)
         if self.engine.switches.warmup:  # on the thread that will serve the predictions
             self.batcher.warm_up()
 
@@ -133,9 +134,14 @@ class Predictor(BaseRunner):
             disable_safety_checker=disable_safety_checker,
             fast_decode=fast_decode,
         )
-        # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile.
-        job = await asyncio.to_thread(self.engine.job, request, new_output_dir(), self.record_metric)
-        # A sync iterator returned from async run() streams: Cog sends each image as it is written (a
-        # yielding async generator's images would all be sent at the end; see Batcher.stream).
-        outputs = await self.batcher.stream(job)
-        return (Path(output.path) for output in outputs)
+        folder = self.outputs.new()
+        try:
+            # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile.
+            job = await asyncio.to_thread(self.engine.job, request, folder, self.record_metric)
+            # A sync iterator returned from async run() streams: Cog sends each image as it is written (a
+            # yielding async generator's images would all be sent at the end; see Batcher.stream).
+            outputs = await self.batcher.stream(job)
+        except BaseException:  # an input that fails, or a cancel: nothing is left on disk
+            self.outputs.discard(folder)
+            raise
+        return self.outputs.deliver(folder, (Path(output.path) for output in outputs), cancel=job.cancel)

@@ -7,8 +7,6 @@ import functools
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -144,21 +142,3 @@ def read_settings(path) -> dict:
     """The generation settings embedded by save_image."""
     with Image.open(path) as image:
         return json.loads(image.getexif()[EXIF_IMAGE_DESCRIPTION])
-
-
-def new_output_dir(root: Path | None = None, keep_seconds: float = 3600) -> Path:
-    """A fresh folder for one prediction's files. Folders of earlier predictions are removed once older than
-    `keep_seconds` (the server has long finished sending them), so a long-running server does not fill its disk."""
-    root = Path(root or Path(tempfile.gettempdir()) / "fast-sd-outputs")
-    root.mkdir(parents=True, exist_ok=True)
-    # The sweep stats every folder: at most once a minute per root, not on every prediction (at 100 a second an
-    # hour's folders would cost far more than the images).
-    if time.monotonic() - _last_sweep.get(root, -1e9) >= min(60.0, keep_seconds):
-        _last_sweep[root] = time.monotonic()
-        for old in root.iterdir():
-            if old.is_dir() and time.time() - old.stat().st_mtime > keep_seconds:
-                shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=root))
-
-
-_last_sweep: dict[Path, float] = {}
