@@ -49,6 +49,8 @@ def received(name: str, value) -> Received | None:
     """`value` if Cog fetched it for this request; None stays None; anything else is an InputError naming `name`."""
     if value is None or isinstance(value, Received):
         return value
+    if isinstance(value, str) and value.startswith(SCHEMES):  # a caller in-process that skipped the fetch
+        raise InputError(f"{name}: {shown(value)} was not fetched (in-process, lib.local.collect fetches as Cog does)")
     if isinstance(value, (str, os.PathLike)):
         raise InputError(
             f"{name}: {shown(value)} is not a URL or a data URI (files on the server are not accepted); "
