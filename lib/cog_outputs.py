@@ -22,12 +22,14 @@ import atexit
 import ctypes
 import logging
 import os
+import queue
 import select
 import shutil
 import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 IN_CLOSE_NOWRITE, IN_ONLYDIR = 0x10, 0x01000000
 EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then len bytes of name
-TICK = 1.0  # seconds between sweeps for files past their time
+TICK = 0.2  # seconds between looks at the messages and at files past their time
 
 
 class _Inotify:
@@ -92,7 +94,11 @@ class _Folder:
 
 class Outputs:
     """The output folders of one process. `served`: under a Cog server (files removed once read); otherwise the
-    caller's."""
+    caller's.
+
+    The bookkeeping lives on one thread, which the other threads only send messages to (a queue): a generator that is
+    garbage-collected may run its cleanup on any thread at any moment, even one that holds a lock, so none is taken.
+    """
 
     def __init__(self, root: Path | None = None, served: bool = False, keep_seconds: float = 600.0):
         base = Path(root or Path(tempfile.gettempdir()) / "fast-sd-outputs")
@@ -100,10 +106,7 @@ class Outputs:
         self.root = base / str(os.getpid())
         self.root.mkdir(parents=True, exist_ok=True)
         self.served, self.keep_seconds = served, keep_seconds
-        self._lock = threading.Lock()
-        self._folders: dict[Path, _Folder] = {}
-        self._watches: dict[int, _Folder] = {}
-        self._leftovers: set[Path] = set()  # removed while a late write went on: removed again
+        self._messages: queue.SimpleQueue = queue.SimpleQueue()
         self._inotify: _Inotify | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,74 +128,114 @@ class Outputs:
 
         return cls(served=coglet.server.active, keep_seconds=Settings().outputs_keep_seconds)
 
-    # -- one prediction --------------------------------------------------------------------------------------------
+    # -- one prediction, from any thread ---------------------------------------------------------------------------
     def new(self) -> Path:
         """A fresh folder for one prediction's files (watched before any file is in it)."""
         path = Path(tempfile.mkdtemp(dir=self.root))
-        folder = _Folder(path, None)
+        wd = None
         if self._inotify is not None:
             try:
-                folder.wd = self._inotify.add(path)
+                wd = self._inotify.add(path)
             except OSError as e:  # e.g. the user's inotify watches are used up: this folder goes by time
                 log.warning("outputs: %s; %s is removed %g s after its prediction", e, path.name, self.keep_seconds)
-        with self._lock:
-            self._folders[path] = folder
-            if folder.wd is not None:
-                self._watches[folder.wd] = folder
+        self._send("new", path, wd)
         return path
 
     def deliver(self, path: Path, files: Iterable[Path], cancel: Callable[[], None] = lambda: None) -> Iterator[Path]:
         """`files` (written into `path`) as run() yields them. When they run out the prediction has succeeded, and the
-        folder goes once Cog has read them; if they raise, or the caller stops early (a cancel), `cancel` is called
-        (so that nothing more is written into the folder) and the folder goes at once."""
+        folder goes once Cog has read them; if they raise, or the caller stops early (a cancel) or drops them unread,
+        `cancel` is called (so that nothing more is written into the folder) and the folder goes at once."""
+        settled = [False]
+        stream = self._stream(path, files, cancel, settled)
+        # A generator dropped before it started has no `finally` to run.
+        weakref.finalize(stream, lambda: settled[0] or (cancel(), self.discard(path)))
+        return stream
+
+    def _stream(self, path: Path, files: Iterable[Path], cancel: Callable[[], None], settled: list) -> Iterator[Path]:
         succeeded = False
         try:
             for file in files:
-                with self._lock:
-                    if path in self._folders:
-                        self._folders[path].unread.add(Path(file).name)  # before Cog can read it
+                self._send("yielded", path, Path(file).name)  # before Cog can read it
                 yield file
             succeeded = True
         finally:
+            settled[0] = True
             if succeeded:
-                self._succeeded(path)
+                self._send("succeeded", path)
             else:
                 cancel()
                 self.discard(path)
 
     def discard(self, path: Path) -> None:
         """A failed or canceled prediction's folder, removed now with whatever it holds."""
-        with self._lock:
-            self._forget(path)
-            shutil.rmtree(path, ignore_errors=True)
-            if path.exists():  # an image of the canceled request was being written into it
-                self._leftovers.add(path)
+        shutil.rmtree(path, ignore_errors=True)
+        self._send("discarded", path)  # and again later if an image of the request was being written into it
 
-    def _succeeded(self, path: Path) -> None:
-        with self._lock:
-            folder = self._folders.get(path)
-            if folder is None:
-                return
-            if not self.served:  # the caller's files
-                self._forget(path)
-                return
-            folder.ended = time.monotonic()
-            if not folder.unread:
-                self._remove(folder)
+    def _send(self, *message) -> None:
+        if self.served:
+            self._messages.put(message)
 
-    # -- removal ---------------------------------------------------------------------------------------------------
-    def _forget(self, path: Path) -> None:
-        folder = self._folders.pop(path, None)
-        if folder is not None and folder.wd is not None:
-            self._watches.pop(folder.wd, None)
-            self._inotify.remove(folder.wd)
-
-    def _remove(self, folder: _Folder) -> None:
-        self._forget(folder.path)
-        shutil.rmtree(folder.path, ignore_errors=True)
-
+    # -- the bookkeeping thread --------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        """The thread that removes each file once read, and files and folders past their time."""
+        """Removes each file once read, a folder with its last file, and files and folders past their time."""
+        folders: dict[Path, _Folder] = {}
+        watches: dict[int, _Folder] = {}
+        leftovers: set[Path] = set()  # removed while a late write went on: removed again
+
+        def forget(path: Path) -> None:
+            folder = folders.pop(path, None)
+            if folder is not None and folder.wd is not None:
+                watches.pop(folder.wd, None)
+                self._inotify.remove(folder.wd)
+
+        def remove(folder: _Folder) -> None:
+            forget(folder.path)
+            shutil.rmtree(folder.path, ignore_errors=True)
+
+        def receive() -> None:
+            while True:
+                try:
+                    kind, path, *rest = self._messages.get_nowait()
+                except queue.Empty:
+                    return
+                if kind == "new":
+                    folders[path] = folder = _Folder(path, rest[0])
+                    if folder.wd is not None:
+                        watches[folder.wd] = folder
+                elif kind == "yielded" and path in folders:
+                    folders[path].unread.add(rest[0])
+                elif kind == "succeeded" and path in folders:
+                    folders[path].ended = time.monotonic()
+                    if not folders[path].unread:
+                        remove(folders[path])
+                elif kind == "discarded":
+                    forget(path)
+                    shutil.rmtree(path, ignore_errors=True)
+                    if path.exists():
+                        leftovers.add(path)
+
+        def read(events: list[tuple[int, str]]) -> None:
+            for wd, name in events:
+                folder = watches.get(wd)
+                if folder is None or name not in folder.unread:
+                    continue
+                folder.unread.discard(name)
+                (folder.path / name).unlink(missing_ok=True)
+                if folder.ended is not None and not folder.unread:
+                    remove(folder)
+
+        def sweep() -> None:
+            now = time.monotonic()
+            for folder in list(folders.values()):
+                if folder.ended is not None and now - folder.ended >= self.keep_seconds:
+                    unread, waited = sorted(folder.unread), now - folder.ended
+                    log.warning("outputs: %s unread %.0f s after its prediction: removed", unread, waited)
+                    remove(folder)
+            for path in list(leftovers):
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    leftovers.discard(path)
+
         try:
             while not self._stop.is_set():
                 if self._inotify is not None:
@@ -200,30 +243,15 @@ class Outputs:
                 else:
                     self._stop.wait(TICK)
                     events = []
-                with self._lock:
-                    for wd, name in events:
-                        folder = self._watches.get(wd)
-                        if folder is None or name not in folder.unread:
-                            continue
-                        folder.unread.discard(name)
-                        (folder.path / name).unlink(missing_ok=True)
-                        if folder.ended is not None and not folder.unread:
-                            self._remove(folder)
-                    self._sweep()
+                try:
+                    receive()  # after the read: a file's "yielded" was sent before any read of it
+                    read(events)
+                    sweep()
+                except Exception:  # noqa: BLE001 - the thread must outlive one bad removal
+                    log.exception("outputs: removing files")
         finally:
             if self._inotify is not None:
                 self._inotify.close()
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        for folder in list(self._folders.values()):
-            if folder.ended is not None and now - folder.ended >= self.keep_seconds:
-                log.warning("outputs: %s not read %g s after its prediction; removed", folder.unread, self.keep_seconds)
-                self._remove(folder)
-        for path in list(self._leftovers):
-            shutil.rmtree(path, ignore_errors=True)
-            if not path.exists():
-                self._leftovers.discard(path)
 
     def files(self) -> list[Path]:
         """Every file under this process's folder (for checks and tests)."""

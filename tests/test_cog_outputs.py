@@ -82,6 +82,12 @@ def test_a_failed_or_canceled_prediction_leaves_nothing(served):
     stream.close()  # Cog stops reading the outputs of a canceled prediction
     assert canceled == [1] and not folder.exists()
 
+    canceled.clear()
+    folder = served.new()
+    stream = served.deliver(folder, iter(written(folder, "out-0-1.png")), cancel=lambda: canceled.append(1))
+    del stream  # dropped before it was ever read from
+    assert canceled == [1] and not folder.exists()
+
     folder = served.new()  # failed before any output (a bad input, a cancel while waiting)
     served.discard(folder)
     assert not folder.exists() and served.files() == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
 import time
 import uuid
@@ -26,6 +27,8 @@ from lib.testkit.cog_server import WEBHOOK_TOKEN, CogServer, UploadSink, Webhook
 ROUNDS, TASKS_PER_ROUND, CLIENTS, SLOTS = 5, 45, 8, 4
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # coglet 0.23.1's own folders, fixed (not under TMPDIR)
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# What coglet 0.23.1 reports for a prediction canceled while it starts run() (failed, not canceled).
+CANCEL_AT_START = "Prediction failed: Failed to submit coroutine: CancelationException: "
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +148,13 @@ def post(server: CogServer, task: Task) -> None:
     if task.asynchronous:
         body["webhook"] = server.hooks.url
         headers["Prefer"] = "respond-async"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 60
     while True:
         code, answer = server.request("POST", "/predictions", body, headers, timeout=120)
         if code != 409:
             break
         task.busy += 1
-        assert time.monotonic() < deadline, "the server stayed busy for 120 s"
+        assert time.monotonic() < deadline, "the server stayed busy for 60 s"
         time.sleep(0.05)
     if task.asynchronous:
         assert code == 202, (code, answer)
@@ -173,6 +176,8 @@ def check(task: Task, uploads: UploadSink) -> None:
         assert "allowed" in error or " not " in error, (task.kind, error)
         return
     allowed = {"succeeded", "canceled"} if task.expect == "canceled-or-succeeded" else {"succeeded"}
+    if "canceled" in allowed and status == "failed" and error == CANCEL_AT_START:
+        return  # coglet's own race (docs/serving.md): a cancel all the same, before run() began
     assert status in allowed, (task.kind, status, error)
     if status == "canceled":
         return
@@ -246,17 +251,21 @@ def test_soak(server, sinks):
             statuses = [e.body["status"] for e in events]
             assert sum(s in TERMINAL for s in statuses) == 1, (task.kind, statuses)
             assert all(e.headers.get("authorization") == f"Bearer {WEBHOOK_TOKEN}" for e in events)
-    # No growth: the last round ends where the first one did (a leak of one per prediction would be +100s).
+    # No growth: the last round ends where the first one did, give or take a few descriptors, and threads only up
+    # to what asyncio's default pool may still add (it starts a thread whenever none looks idle, up to its size).
+    # A leak of one per prediction would add hundreds.
     first, last = figures[0], figures[-1]
+    pool = min(32, (os.cpu_count() or 1) + 4)
     for proc in ("worker", "server"):
         assert last[proc]["fds"] <= first[proc]["fds"] + 4, figures
-        assert last[proc]["threads"] <= first[proc]["threads"] + 2, figures
+        assert last[proc]["threads"] <= first[proc]["threads"] + pool, figures
     assert server.health()["status"] == "READY"
     statuses = [t.result["status"] for t in all_tasks]
     print(
         f"\nsoak: {len(all_tasks)} predictions in {time.monotonic() - started:.0f} s "
         f"({statuses.count('succeeded')} succeeded, {statuses.count('failed')} failed as expected, "
-        f"{statuses.count('canceled')} canceled; {sum(t.busy for t in all_tasks)} busy answers retried); "
+        f"{statuses.count('canceled')} canceled, {sum(t.result.get('error') == CANCEL_AT_START for t in all_tasks)} "
+        f"canceled as it started; {sum(t.busy for t in all_tasks)} busy answers retried); "
         f"per round: {figures}"
     )
 
