@@ -1,12 +1,12 @@
 """Output files: each prediction writes its images into a folder of its own, under
 $TMPDIR/fast-sd-outputs/<process id>/, and no file stays there longer than Cog needs it.
 
-What a Cog server does with an output path (coglet 0.23.1; tests/test_cog_outputs.py measures it): run() yields
-the path, and the server's own process (not the worker that runs the predictor) opens the file, reads it whole and
-closes it, milliseconds later, then sends the bytes from memory: as a data URI in the response and in every webhook,
-or with --upload-url in one PUT. It reads each file once, after the worker has moved on, and does not tell the
-worker; a file removed before that read is silently missing from the output ("Failed to read FileOutput" in the
-server's log), even at the end of the prediction.
+What a Cog server does with an output path (coglet 0.23.1; tests/test_cog_outputs.py and tests/test_soak.py check
+what this module relies on): run() yields the path, and the server's own process (not the worker that runs the
+predictor) opens the file, reads it whole and closes it, milliseconds later, then sends the bytes from memory: as a
+data URI in the response and in every webhook, or with --upload-url in one PUT. It reads each file once, after the
+worker has moved on, and does not tell the worker; a file removed before that read is silently missing from the
+output ("Failed to read FileOutput" in the server's log), even when it is removed only as the prediction ends.
 
 So under a Cog server every prediction's folder is watched (inotify), and each file is removed as soon as a reader
 has closed it (IN_CLOSE_NOWRITE; the predictor never reads its own outputs), the folder with its last file. A
