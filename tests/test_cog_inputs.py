@@ -178,3 +178,18 @@ def test_a_local_file_is_sent_as_a_data_uri_by_the_in_process_runner(predictor, 
     with Image.open(paths[0]) as image:
         assert image.size == (256, 256)
     assert not list(own_tmp.glob("tmp*"))
+
+
+def test_the_engine_names_image_for_a_file_it_cannot_read(tmp_path):
+    """Below the Cog check, too: a missing or unreadable file is an input error naming `image` (it was a bare
+    FileNotFoundError)."""
+    from lib.engine.images import input_image_size, open_input_image
+
+    (tmp_path / "folder.png").mkdir()
+    for path in (tmp_path / "no-such-file.png", tmp_path / "folder.png"):
+        for read in (input_image_size, open_input_image):
+            with pytest.raises(InputError) as err:
+                read(path)
+            assert str(err.value).startswith(f"image: {path.name!r} could not be read"), err.value
+    with pytest.raises(InputError, match=r"^image: 42 is not a file; allowed: "):
+        input_image_size(42)
