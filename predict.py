@@ -7,9 +7,10 @@ from typing import Iterator, Optional
 
 from cog import BaseRunner, Input, Path, concurrent
 
+from lib import cog_inputs
+from lib.cog_outputs import Outputs
 from lib.engine.batcher import Batcher
 from lib.engine.engine import Engine
-from lib.engine.images import new_output_dir
 
 # `cog build` reads this file without running it (cog's static schema parser), and takes only literals: each value
 # below repeats what lib/ defines (the mode table, lib/engine/inputs.py), and tests/test_cog_schema.py keeps them equal.
@@ -34,6 +35,8 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         self.engine = Engine.from_env()
         self.batcher = Batcher(self.engine)
+        cog_inputs.install(self.run)  # `image`: only what Cog fetched for the request (lib/cog_inputs.py)
+        self.outputs = Outputs.from_env()  # output files: removed once Cog has read them (lib/cog_outputs.py)
         if self.engine.switches.warmup:  # on the thread that will serve the predictions
             self.batcher.warm_up()
 
@@ -59,7 +62,10 @@ class Predictor(BaseRunner):
         seed: Optional[int] = Input(
             default=None, ge=0, le=4294967295, description="Random if not set; image i uses seed + i"
         ),
-        image: Optional[Path] = Input(default=None, description="Input image: turns the prediction into img2img"),
+        image: Optional[Path] = Input(
+            default=None,
+            description="Input image, turns the prediction into img2img: an https URL or a data URI of a PNG, JPEG or WebP image (up to 50 MiB and 4096x4096 pixels)",
+        ),
         strength: float = Input(
             default=0.5,
             ge=0.02,
@@ -81,6 +87,7 @@ class Predictor(BaseRunner):
             description="Decode with the tiny autoencoder (TAESD / TAESDXL): several times faster decoding, slightly softer fine detail",
         ),
     ) -> Iterator[Path]:
+        image = cog_inputs.received("image", image)  # never a path to a file already on the server
         request = self.engine.request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -100,9 +107,14 @@ class Predictor(BaseRunner):
             disable_safety_checker=disable_safety_checker,
             fast_decode=fast_decode,
         )
-        # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile.
-        job = await asyncio.to_thread(self.engine.job, request, new_output_dir(), self.record_metric)
-        # A sync iterator returned from async run() streams: Cog sends each image as it is written (a
-        # yielding async generator's images would all be sent at the end; see Batcher.stream).
-        outputs = await self.batcher.stream(job)
-        return (Path(output.path) for output in outputs)
+        folder = self.outputs.new()
+        try:
+            # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile.
+            job = await asyncio.to_thread(self.engine.job, request, folder, self.record_metric)
+            # A sync iterator returned from async run() streams: Cog sends each image as it is written (a
+            # yielding async generator's images would all be sent at the end; see Batcher.stream).
+            outputs = await self.batcher.stream(job)
+        except BaseException:  # an input that fails, or a cancel: nothing is left on disk
+            self.outputs.discard(folder)
+            raise
+        return self.outputs.deliver(folder, (Path(output.path) for output in outputs), cancel=job.cancel)

@@ -1,5 +1,6 @@
-"""Running the Cog Predictor in-process, as `cog predict` would: Input() defaults filled in and
-command-line values (`-i key=value`, `-i image=@file.png`) converted to the declared types.
+"""Running the Cog Predictor in-process, as `cog predict` would: Input() defaults filled in,
+command-line values (`-i key=value`, `-i image=@file.png`) converted to the declared types, and a file input
+sent as a client sends it (a local file as a data URI), then fetched as the Cog server does (lib/cog_inputs.py).
 
   python -m lib.local -i prompt="a lighthouse at dusk" -i mode=sd-turbo [-o outputs]   (scripts/predict.sh)
   python -m lib.local --tiny -i prompt=test     # offline smoke test on tiny random weights
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from cog.input import FieldInfo
 
+from lib import cog_inputs
 from lib.engine.inputs import InputError
 from lib.settings import parse_bool
 
@@ -64,9 +66,9 @@ def parse_input(name: str, text: str, annotation):
         if target is float and not math.isfinite(value):
             raise InputError(f"{name}: {text!r} is not a finite number")
         return value
-    if target is str:
+    if target is str or text.startswith(cog_inputs.SCHEMES):
         return text
-    return target(text.removeprefix("@"))  # cog.Path
+    return Path(text.removeprefix("@"))  # a local file: collect() sends it as a data URI
 
 
 def run_inputs(runner, raw: dict[str, str] | None = None, **values) -> dict:
@@ -107,13 +109,26 @@ async def outputs(runner, **kwargs):
 
 
 def collect(runner, **kwargs) -> list:
-    """Drive runner.run(**kwargs) to the end, outside a Cog server."""
+    """Drive runner.run(**kwargs) to the end, outside a Cog server. A file input given as a local file is sent as a
+    data URI; a URL or data URI is fetched as the Cog server fetches it (and removed after the run, as it does)."""
     import asyncio
 
     async def gather():
         return [output async for output in outputs(runner, **kwargs)]
 
-    return asyncio.run(gather())
+    fetched = []
+    try:
+        for name in cog_inputs.file_inputs(runner.run):
+            value = kwargs.get(name)
+            if isinstance(value, os.PathLike) and not isinstance(value, cog_inputs.Received):
+                value = cog_inputs.data_uri(value)
+            kwargs[name] = cog_inputs.fetch(value)
+            if isinstance(kwargs[name], cog_inputs.Received):
+                fetched.append(kwargs[name])
+        return asyncio.run(gather())
+    finally:
+        for path in fetched:
+            path.unlink(missing_ok=True)
 
 
 def main() -> int:

@@ -191,6 +191,7 @@ GROUPS = {
     "weights": "Weights",
     "speed": "The fast path (lib/engine/speed.py)",
     "batching": "Batching concurrent predictions",
+    "serving": "Serving under Cog",
     "realtime": "The realtime server (scripts/realtime.py)",
     "lora": "Style LoRAs",
     "jobs": "Async jobs, webhooks and pushing",
@@ -276,6 +277,10 @@ class Settings:
     batch_max_images = Var("BATCH_MAX_IMAGES", "batching", integer(1), 16, "most images in one batch")
     cog_max_concurrency = Var("COG_MAX_CONCURRENCY", "batching", integer(1), 1,
         "predictions Cog runs at once (set by cog build from predict.py's @concurrent(max=...))")
+
+    # -- serving --
+    outputs_keep_seconds = Var("OUTPUTS_KEEP_SECONDS", "serving", number(0, above=True), 600.0,
+        "an output file the Cog server has not read is removed this long after its prediction (read ones go at once)")
 
     # -- realtime --
     realtime_token = Var("REALTIME_TOKEN", "realtime", text(), None,

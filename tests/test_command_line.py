@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lib import cog_inputs
 from lib.engine.images import read_settings
 from lib.engine.inputs import InputError
 from lib.local import collect, recording, run_inputs
@@ -46,6 +47,15 @@ def test_booleans_mean_what_they_say(predictor, text, on):
 def test_numbers_are_parsed_as_their_declared_type(predictor):
     paths, _ = run_raw(predictor, num_outputs="2", guidance_scale="0.0", strength="0.5", output_quality="90")
     assert len(paths) == 2 and read_settings(paths[0])["seed"] == 5 and read_settings(paths[1])["seed"] == 6
+
+
+def test_an_image_is_a_local_file_or_a_data_uri(predictor, files):
+    """`-i image=@photo.png` (or the bare path) reads the local file and sends it as a data URI, as `cog predict`
+    does; a data URI or URL is sent as it is."""
+    photo = files["@photo"]
+    for text in (f"@{photo}", str(photo), cog_inputs.data_uri(photo)):
+        paths, metrics = run_raw(predictor, image=text, strength="0.6")
+        assert read_settings(paths[0])["strength"] == 0.6 and "timings.vae_encode" in metrics
 
 
 @pytest.mark.parametrize(

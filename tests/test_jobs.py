@@ -157,22 +157,28 @@ def assert_complete(ledger: Ledger, jobs=JOBS) -> None:
 
 # -- the batch on the real server -----------------------------------------------------------------------------
 def test_a_batch_runs_to_completion_with_every_image_on_disk(server, receiver, tmp_path):
-    batch = write_jobs(tmp_path / "batch.jsonl", JOBS + [{"id": "bad", "input": {"prompt": "x", "num_outputs": 9}}])
+    bad = [
+        {"id": "bad", "input": {"prompt": "x", "width": 260}},  # fails in the model: not a multiple of 8
+        {"id": "refused", "input": {"prompt": "x", "num_outputs": 9}},  # refused by the server's schema
+    ]
+    batch = write_jobs(tmp_path / "batch.jsonl", JOBS + bad)
     r = cli(
         "--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--cog-url", server.url, "--wait", 180
     )
-    assert r.returncode == 1, r.stdout + r.stderr  # one job failed, on purpose
+    assert r.returncode == 1, r.stdout + r.stderr  # two jobs failed, on purpose
     ledger = Ledger(receiver.ledger)
     assert_complete(ledger)
-    bad = ledger.get("bad")
-    assert bad["state"] == "failed" and "num_outputs: 9" in bad["error"], bad
-    assert ledger.counts() == {"succeeded": 4, "failed": 1}
+    failed, refused = ledger.get("bad"), ledger.get("refused")
+    assert failed["state"] == "failed" and "width: 260" in failed["error"], failed
+    assert refused["state"] == "submit_failed" and "num_outputs" in refused["error"], refused
+    assert "9 is greater than the maximum of 8" in refused["error"], refused
+    assert ledger.counts() == {"succeeded": 4, "failed": 1, "submit_failed": 1}
 
     status = cli("--ledger", receiver.ledger, "status")
     assert re.search(r"owl\s+succeeded\s+1\s+2", status.stdout), status.stdout
-    assert "5 job(s): 1 failed, 4 succeeded" in status.stdout
+    assert "6 job(s): 1 failed, 1 submit_failed, 4 succeeded" in status.stdout, status.stdout
     again = cli("--ledger", receiver.ledger, "submit", batch, "--webhook", receiver.url, "--cog-url", server.url)
-    assert "submitted 0, already in the ledger 5" in again.stdout, again.stdout  # nothing is sent twice
+    assert "submitted 0, already in the ledger 6" in again.stdout, again.stdout  # nothing is sent twice
 
 
 def test_refused_jobs_are_resubmitted(server, receiver, tmp_path):
@@ -407,6 +413,19 @@ def test_bad_batch_files_are_clear_errors(tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
     r = cli("--ledger", tmp_path / "l.sqlite", "submit", bad, "--webhook", "http://x", "--cog-url", "http://x")
     assert r.returncode == 2 and f"{bad}:2: not JSON" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("image", ["photo.png", "/etc/hostname", "file:///etc/hostname", 7])
+def test_a_batch_file_image_must_be_a_url_or_a_data_uri(tmp_path, image):
+    """A path would be sent as it is, and name a file on the server: refused before anything is sent."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    batch = tmp_path / "batch.jsonl"
+    ok = {"prompt": "a", "image": "data:image/png;base64,iVBORw0KGgo=", "strength": 0.5}
+    batch.write_text(json.dumps(ok) + "\n" + json.dumps({"prompt": "b", "image": image}) + "\n")
+    r = cli("--ledger", tmp_path / "l.sqlite", "submit", batch, "--webhook", "http://x", "--cog-url", "http://x")
+    assert r.returncode == 2, r.stderr
+    assert f"{batch}:2: image: {image!r} is not a URL or a data URI" in r.stderr and "allowed: a URL" in r.stderr
+    assert not (tmp_path / "l.sqlite").exists() or not Ledger(tmp_path / "l.sqlite").jobs()
 
 
 # -- the Replicate API path --------------------------------------------------------------------------------------

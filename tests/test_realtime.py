@@ -155,6 +155,8 @@ BAD_MESSAGES = [
     ("not json", "message: not JSON"),
     ("[1, 2]", "message: list is not a JSON object; send a JSON object of settings: prompt, mode"),
     ('{"colour": "red"}', "message: unknown setting(s) 'colour'; allowed: prompt, mode, num_inference_steps"),
+    # Pictures come only as the bytes of a binary message: a path to a file on the server is no setting.
+    ('{"image": "/etc/hostname"}', "message: unknown setting(s) 'image'; allowed: prompt, mode"),
     ('{"num_inference_steps": 9}', "num_inference_steps: 9 is not allowed for mode sd-turbo; allowed: 1 to 4"),
     ('{"strength": "lots"}', "strength: 'lots' is not a finite number"),
     ('{"mode": "sdxl-turbo"}', "mode: 'sdxl-turbo' is not enabled on this server (ENABLED_MODES); enabled: sd-turbo"),

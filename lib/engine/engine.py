@@ -62,6 +62,10 @@ class Job:
     lora: LoraFile | None = None  # the request's style LoRA, fetched and verified
     quiet: bool = False  # no log line of its own (the realtime server's frames: it logs per session)
 
+    def cancel(self) -> None:
+        """From any thread: the batch writes no more of this job's images (one being written may still fail)."""
+        self.cancelled = True
+
 
 class Cancelled(Exception):
     """Every request of a running batch was canceled: the denoising loop stops early."""
@@ -488,7 +492,7 @@ class Batch:
             future = images.save_in_background(picture, path, r.output_format, r.output_quality, settings)
             self.saving.append((future, job, seed, settings))
         while self.saving and self.saving[0][0].done():
-            yield self._saved()
+            yield from self._saved()
 
     def _checked(self) -> bool:
         return self.engine.safety is not None and any(not j.request.disable_safety_checker for j in self.jobs)
@@ -509,19 +513,27 @@ class Batch:
             self.host_seconds.get("safety_checker", 0.0) + time.perf_counter() - started
         )
 
-    def _saved(self) -> tuple[Job, Output]:
+    def _saved(self) -> Iterator[tuple[Job, Output]]:
+        """The oldest image being written, once written; nothing for a canceled job's image that could not be written
+        (a canceled prediction's folder is removed at once: the other jobs of the batch go on)."""
         future, job, seed, settings = self.saving.pop(0)
-        written, seconds = future.result()
+        try:
+            written, seconds = future.result()
+        except OSError:
+            if job.cancelled:
+                return
+            raise
         self.encode_seconds[id(job)] = self.encode_seconds.get(id(job), 0.0) + seconds
         if isinstance(written, bytes):
-            return job, Output(None, seed, settings, data=written)
-        return job, Output(written, seed, settings)
+            yield job, Output(None, seed, settings, data=written)
+        else:
+            yield job, Output(written, seed, settings)
 
     def end(self) -> Iterator[tuple[Job, Output | Exception]]:
         """The images still being written, then each job's metrics (and its failure, if all its images were
         flagged)."""
         while self.saving:
-            yield self._saved()
+            yield from self._saved()
         shared = self._stage_seconds()
         for job in self.jobs:
             mine = [k for k, (j, _, _) in enumerate(self.images) if j is job]

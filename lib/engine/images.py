@@ -6,8 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import json
-import shutil
-import tempfile
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,11 +14,16 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib.atomic import replacing
-from lib.engine.inputs import InputError
+from lib.engine.inputs import InputError, shown
 from lib.settings import Settings
 
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 MAX_INPUT_PIXELS = 4096 * 4096
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_ALLOWED = (
+    "a URL (https://...) or a data URI (data:image/png;base64,...) of a PNG, JPEG or WebP image, "
+    f"up to {MAX_INPUT_BYTES // 2**20} MiB and 4096x4096 pixels"
+)
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_SOFTWARE = 0x0131
 EXIF_ORIENTATION = 0x0112
@@ -27,21 +31,35 @@ SOFTWARE = "fast-sd-cog"
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
+def _label(path) -> str:
+    """The img2img input as its sender gave it: the URL or data URI Cog fetched it from (lib/cog_inputs.py), else the
+    file's name."""
+    return shown(getattr(path, "source", None) or Path(path).name)
+
+
 def input_image_size(path) -> tuple[int, int]:
     """The img2img input's upright (width, height), from its header alone: limits are checked before any
     pixel is decoded."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_INPUT_BYTES:
-        raise InputError(f"image: the file is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB")
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"image: {shown(path)} is not a file; allowed: {IMAGE_ALLOWED}")
     try:
-        with Image.open(path) as image:
+        size = Path(path).stat().st_size
+        if size > MAX_INPUT_BYTES:
+            raise InputError(
+                f"image: {_label(path)} is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB"
+            )
+        with Image.open(path, formats=INPUT_FORMATS) as image:
             w, h = image.size
             rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"image: {path.name} is not a readable image file (PNG, JPEG, WebP, ...): {e}") from None
+    except UnidentifiedImageError:
+        raise InputError(f"image: {_label(path)} is not a PNG, JPEG or WebP image; allowed: {IMAGE_ALLOWED}") from None
+    except OSError as e:
+        reason = e.strerror or e
+        raise InputError(f"image: {_label(path)} could not be read ({reason}); allowed: {IMAGE_ALLOWED}") from None
     if w * h > MAX_INPUT_PIXELS:
-        raise InputError(f"image: {w}x{h} is too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)")
+        raise InputError(
+            f"image: {_label(path)} is {w}x{h}, too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)"
+        )
     return (h, w) if rotated else (w, h)
 
 
@@ -49,10 +67,10 @@ def open_input_image(path) -> Image.Image:
     """The img2img input as upright RGB."""
     input_image_size(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=INPUT_FORMATS) as image:
             return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
-        raise InputError(f"image: {Path(path).name} could not be decoded: {e}") from None
+        raise InputError(f"image: {_label(path)} could not be decoded ({e}); allowed: {IMAGE_ALLOWED}") from None
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -124,21 +142,3 @@ def read_settings(path) -> dict:
     """The generation settings embedded by save_image."""
     with Image.open(path) as image:
         return json.loads(image.getexif()[EXIF_IMAGE_DESCRIPTION])
-
-
-def new_output_dir(root: Path | None = None, keep_seconds: float = 3600) -> Path:
-    """A fresh folder for one prediction's files. Folders of earlier predictions are removed once older than
-    `keep_seconds` (the server has long finished sending them), so a long-running server does not fill its disk."""
-    root = Path(root or Path(tempfile.gettempdir()) / "fast-sd-outputs")
-    root.mkdir(parents=True, exist_ok=True)
-    # The sweep stats every folder: at most once a minute per root, not on every prediction (at 100 a second an
-    # hour's folders would cost far more than the images).
-    if time.monotonic() - _last_sweep.get(root, -1e9) >= min(60.0, keep_seconds):
-        _last_sweep[root] = time.monotonic()
-        for old in root.iterdir():
-            if old.is_dir() and time.time() - old.stat().st_mtime > keep_seconds:
-                shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=root))
-
-
-_last_sweep: dict[Path, float] = {}

@@ -7,6 +7,7 @@ here unchecked: each check names the input, the value and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class InputError(ValueError):
     """A prediction input is invalid; the message names the input, the value and what is allowed."""
 
 
+def shown(value, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut to `limit` characters (a data URI can be megabytes)."""
+    text = repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 @dataclass(frozen=True)
 class Request:
     mode: Mode
@@ -41,7 +48,7 @@ class Request:
     num_inference_steps: int
     guidance_scale: float
     seed: int
-    image_path: str | None  # the img2img input's file (None: txt2img, or a picture handed to Engine.job)
+    image_path: str | os.PathLike | None  # the img2img input's file (None: txt2img, or a picture given to Engine.job)
     strength: float
     output_format: str
     output_quality: int
@@ -191,7 +198,7 @@ def resolve_request(
         num_inference_steps=steps,
         guidance_scale=guidance,
         seed=secrets.randbits(32) if seed is None else _integer("seed", seed, *SEED_RANGE),
-        image_path=None if image is None else str(image),
+        image_path=image,
         strength=strength,
         output_format=output_format,
         output_quality=_integer("output_quality", output_quality, *QUALITY_RANGE),

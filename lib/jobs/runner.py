@@ -17,6 +17,9 @@ from typing import Callable
 
 import requests
 
+from lib.cog_inputs import SCHEMES
+from lib.engine.images import IMAGE_ALLOWED
+from lib.engine.inputs import shown
 from lib.jobs.ledger import RESUBMITTABLE, SETTLED, Ledger
 from lib.jsontext import json_object
 from lib.settings import Settings
@@ -32,7 +35,8 @@ class JobsError(Exception):
 # -- the batch file ---------------------------------------------------------------------------------------
 def read_jobs(path: str | Path) -> list[tuple[str, dict]]:
     """(key, input) per non-blank line. A line is {"id": KEY, "input": {...}} or just the input object (its key
-    is then line-<n>). Keys name files and URLs: letters, digits, '_', '.', '-'."""
+    is then line-<n>). Keys name files and URLs: letters, digits, '_', '.', '-'. An `image` is sent as it is, so
+    it must be what the server accepts (lib/cog_inputs.py): a URL or a data URI."""
     jobs, keys = [], set()
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -46,6 +50,12 @@ def read_jobs(path: str | Path) -> list[tuple[str, dict]]:
             raise JobsError(f"{path}:{n}: 'input' must be an object and 'id' match {KEY_RE.pattern}")
         if key in keys:
             raise JobsError(f"{path}:{n}: id {key!r} is used twice")
+        image = data.get("image")
+        if image is not None and not (isinstance(image, str) and image.startswith(SCHEMES)):
+            raise JobsError(
+                f"{path}:{n}: image: {shown(image)} is not a URL or a data URI (the server takes no paths to files); "
+                f"allowed: {IMAGE_ALLOWED}"
+            )
         keys.add(key)
         jobs.append((key, data))
     return jobs

@@ -16,12 +16,13 @@ import time
 from PIL import Image, UnidentifiedImageError
 
 from lib.engine import inputs
+from lib.engine.images import INPUT_FORMATS
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.modes import DEFAULT_MODE, MODES, NON_COMMERCIAL
 from lib.jsontext import json_object
 
 MAX_TEXT_BYTES = 64 * 1024  # settings are small: a prompt is at most inputs.MAX_PROMPT_CHARS characters
-PICTURE_FORMATS = ("JPEG", "PNG", "WEBP")
+PICTURE_FORMATS = INPUT_FORMATS  # as the img2img input of a prediction
 MAX_PICTURE_PIXELS = 2048 * 2048
 FRAME_TYPES = {"jpg": "image/jpeg", "webp": "image/webp"}
 

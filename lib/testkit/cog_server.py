@@ -34,8 +34,8 @@ WEBHOOK_TOKEN = "test-webhook-token"  # the shared server sends it as Bearer on 
 class CogServer(ServerProcess):
     """One `python -m cog.server.http` process (its own process group), logging to `workdir/server.log`."""
 
-    def __init__(self, workdir: Path, env: dict, stub: str = "predict.py:Predictor"):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: Path, env: dict, stub: str = "predict.py:Predictor", args: tuple[str, ...] = ()):
+        self.workdir, self.args = Path(workdir), args
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,7 +56,7 @@ class CogServer(ServerProcess):
     def start(self, timeout: float = 240) -> "CogServer":
         # The schema `cog build` would bundle, where coglet looks for it: it checks every request against it.
         cog_schema.write(ROOT)
-        self.spawn([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"])
+        self.spawn([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args])
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -143,6 +143,14 @@ class CogServer(ServerProcess):
     def cancel(self, prediction_id: str) -> int:
         return self.request("POST", f"/predictions/{prediction_id}/cancel", {})[0]
 
+    def worker_pid(self) -> int:
+        """The worker process that runs the predictor (the server's child)."""
+        children = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            children += (task / "children").read_text().split()
+        (pid,) = children
+        return int(pid)
+
 
 def decode_output(uri: str):
     """(PIL image, mime type, raw bytes) of a data-URI output."""
@@ -224,6 +232,45 @@ class WebhookSink:
 
     def terminal(self, prediction_id: str, timeout: float = 120) -> Event:
         return self.wait_for(prediction_id, lambda b: b.get("status") in TERMINAL, timeout)
+
+
+class UploadSink:
+    """What a Cog server started with `--upload-url <sink.url>` PUTs its output files to: kept by path, answered
+    with the URL the server then reports as the output."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with sink.lock:
+                    sink.files[self.path] = body
+                self.send_response(200)
+                self.send_header("Location", f"{sink.base}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{self.base}/upload/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def get(self, url: str) -> bytes:
+        """The bytes uploaded to `url` (an output URL the server reported)."""
+        assert url.startswith(self.base), url
+        with self.lock:
+            return self.files[url[len(self.base) :]]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # -- the shared server ------------------------------------------------------------------------------------
