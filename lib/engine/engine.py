@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib.engine import decoding, images, memory, precision, prompts, speed
+from lib.engine import decoding, images, memory, precision, prompts, schedulers, speed
 from lib.engine.inputs import InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
 from lib.engine.memory import Residency
@@ -410,15 +410,29 @@ class Batch:
             self._log_steps(wait=False)
             return callback_kwargs
 
-        return pipe(
-            num_inference_steps=self.scheduled,
-            guidance_scale=first.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.request.seeds],
-            output_type="latent",
-            callback_on_step_end=on_step_end,
-            **embeds,
-            **kwargs,
-        ).images
+        seeds = [s for j in jobs for s in j.request.seeds]
+        scheduler = pipe.scheduler
+        if isinstance(scheduler, schedulers.SyncFree):  # the noise drawn up front, copied once (schedulers.py)
+            latent = pipe.vae_scale_factor
+            shape = (pipe.unet.config.in_channels, first.height // latent, first.width // latent)
+            dtype = embeds["prompt_embeds"].dtype
+            initial, scheduler.noise = schedulers.draw(
+                seeds, shape, dtype, self.engine.device, self.runs, scheduler.DRAWS_PER_STEP
+            )
+            if not first.img2img:  # img2img draws its initial noise itself (the same values: fresh generators)
+                kwargs["latents"] = initial
+        try:
+            return pipe(
+                num_inference_steps=self.scheduled,
+                guidance_scale=first.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                **embeds,
+                **kwargs,
+            ).images
+        finally:
+            scheduler.noise = None
 
     def _log_steps(self, wait: bool) -> None:
         """Log the steps that have run (all of them with `wait`): the logs follow the device, without stalling it."""

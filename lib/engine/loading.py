@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
 from lib.engine.precision import needs_upcast
+from lib.engine.schedulers import sync_free
 from lib.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,7 @@ def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool) -
         "requires_safety_checker": False,
         "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
     }
+    components = dict(components, scheduler=sync_free(components["scheduler"]))  # lib/engine/schedulers.py
     txt2img = txt2img_cls(**components, **{k: v for k, v in extras.items() if k in accepted})
     txt2img.set_progress_bar_config(disable=True)
     img2img = getattr(diffusers, img2img_name).from_pipe(txt2img)  # same modules, no second copy
