@@ -3,10 +3,10 @@
 A batch (requests that share one pipeline call) runs in two stages, which lib/engine/batcher.py puts on two threads so
 that the next batch's denoising overlaps this one's files:
 - `Batch.generate`, on the device thread: the mode moved onto the device if the memory plan kept it in host
-  memory (lib/engine/memory.py), text encoding, denoising, and the decode, one VAE call per chunk of images that fits
-  in memory; the pixels go to host memory asynchronously;
-- `Batch.finish` / `Batch.end`, anywhere else: PIL images, the safety checker (its preprocessing there, its
-  forward on the device), the image files, the metrics.
+  memory (lib/engine/memory.py), text encoding, denoising (lib/engine/schedulers.py: no host sync inside it), the
+  decode, one VAE call per chunk of images that fits in memory, and the safety checker on the batch's decoded pixels
+  in one call (lib/engine/safety.py); the pixels and the verdicts go to host memory asynchronously;
+- `Batch.finish` / `Batch.end`, anywhere else: PIL images, the image files, the metrics.
 Timings are CUDA events (lib/engine/timeline.py), read after the work: nothing waits for the device on the way.
 """
 
@@ -262,13 +262,16 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
 
 @dataclass
 class Chunk:
-    """Images [start, stop) of a batch, decoded in one call: host pixels, ready when `ready` has run."""
+    """Images [start, stop) of a batch, decoded in one call: host pixels, ready when `ready` has run; the last chunk
+    of a checked batch also brings the safety checker's verdicts on Batch.checked (host bools, ready with it)."""
 
     start: int
     stop: int
     pixels: torch.Tensor
-    began: object  # timeline marks
+    began: object  # timeline marks: the decode's start, its pixels copied, everything of this chunk done
+    decoded: object
     ready: object
+    verdicts: torch.Tensor | None = None
 
 
 @dataclass
@@ -279,7 +282,7 @@ class Batch:
     jobs: list[Job]
     timeline: Timeline = field(init=False)
     marks: dict = field(default_factory=dict)  # stage -> (start mark, end mark), read in end()
-    host_seconds: dict = field(default_factory=dict)  # stages timed on the host (moves, LoRA, safety checker)
+    host_seconds: dict = field(default_factory=dict)  # stages timed on the host (moves, LoRA)
     steps: list = field(default_factory=list)  # marks at the end of each denoising step (steps[0]: its start)
     logged_steps: int = 0
 
@@ -294,7 +297,9 @@ class Batch:
         # Batch image k: (job, index within the job, seed).
         self.images = [(job, i, seed) for job in self.jobs for i, seed in enumerate(job.request.seeds)]
         self.decode_seconds = [0.0] * len(self.images)
-        self.flags: dict[int, bool] = {}
+        self.flags: dict[int, bool] = {}  # the safety checker's verdicts on the checked images
+        self.checked: list[int] = []  # the images the checker judges (set by generate)
+        self.safety_marks: list = []  # (start, end) of each check on the device
         self.pictures: dict[int, Image.Image] = {}  # decoded, waiting for the safety checker
         self.saving: list = []  # (future, job, seed, settings): written in encoder threads, yielded in order
         self.encode_seconds: dict[int, float] = {}
@@ -309,10 +314,26 @@ class Batch:
         decoder = self.engine.decoder(self.first)
         n = len(self.images)
         size = self._chunk_size(decoder, n)
+        checker = self.engine.safety
+        if checker is not None:
+            jobs = [job for job, _, _ in self.images]
+            self.checked = [k for k, j in enumerate(jobs) if not (j.request.disable_safety_checker or j.cancelled)]
+        to_check = []  # the checked images' pixels, on the device until the last chunk is decoded
         for start in range(0, n, size):
-            began = self.timeline.mark()
-            pixels = decoding.to_host(decoding.decode(decoder, latents[start : start + size]))
-            yield Chunk(start, min(n, start + size), pixels, began, self.timeline.mark())
+            stop, timeline = min(n, start + size), self.timeline
+            began = timeline.mark()
+            pixels = decoding.decode(decoder, latents[start:stop])
+            host = decoding.to_host(pixels)
+            decoded = timeline.mark()
+            mine = [k - start for k in self.checked if start <= k < stop]
+            if mine:
+                to_check.append(pixels if len(mine) == stop - start else pixels[mine])
+            verdicts = None
+            if stop == n and to_check:  # the checker right after the last decode, on the device, in one call
+                verdicts = decoding.to_host(checker.check(torch.cat(to_check)))  # one copy back per batch
+                self.safety_marks.append((decoded, timeline.mark()))
+                to_check.clear()
+            yield Chunk(start, stop, host, began, decoded, timeline.mark(), verdicts)
 
     def _log_requests(self) -> None:
         mode, jobs = self.mode, self.jobs
@@ -462,17 +483,18 @@ class Batch:
     # -- stage 2: host work, on any thread -------------------------------------------------------------------------
     def finish(self, chunk: Chunk) -> Iterator[tuple[Job, Output]]:
         """A decoded chunk's images: written (encoder threads) and yielded in order as they are written. Where the
-        safety checker runs, the batch's images wait until all are decoded: it checks them in one call."""
+        safety checker runs, the batch's images wait for its verdicts, which come with the last chunk."""
         self._log_steps(wait=True)
-        seconds = self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels are on the host
+        self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels (and verdicts) are on the host
+        seconds = self.timeline.seconds(chunk.began, chunk.decoded)
         for k in range(chunk.start, chunk.stop):
             self.decode_seconds[k] = seconds / (chunk.stop - chunk.start)
         self.pictures.update(zip(range(chunk.start, chunk.stop), decoding.to_images(chunk.pixels), strict=True))
-        if self._checked() and chunk.stop < len(self.images):
+        if self.checked and chunk.stop < len(self.images):
             return
         pictures, self.pictures = self.pictures, {}
-        if self._checked():
-            self._check_safety(pictures)
+        if chunk.verdicts is not None:
+            self.flags.update(zip(self.checked, chunk.verdicts.tolist(), strict=True))
         mode, runs = self.mode, self.runs
         for k, picture in pictures.items():
             job, i, seed = self.images[k]
@@ -500,25 +522,6 @@ class Batch:
             self.saving.append((future, job, seed, settings))
         while self.saving and self.saving[0][0].done():
             yield self._saved()
-
-    def _checked(self) -> bool:
-        return self.engine.safety is not None and any(not j.request.disable_safety_checker for j in self.jobs)
-
-    def _check_safety(self, pictures: dict[int, Image.Image]) -> None:
-        """The safety checker on the images whose request keeps it on, in one batched call."""
-        checker = self.engine.safety
-        wanted = [
-            k
-            for k in pictures
-            if not self.images[k][0].request.disable_safety_checker and not self.images[k][0].cancelled
-        ]
-        if not wanted:
-            return
-        started = time.perf_counter()
-        self.flags.update(zip(wanted, checker.flagged([pictures[k] for k in wanted]), strict=True))
-        self.host_seconds["safety_checker"] = (
-            self.host_seconds.get("safety_checker", 0.0) + time.perf_counter() - started
-        )
 
     def _saved(self) -> tuple[Job, Output]:
         future, job, seed, settings = self.saving.pop(0)
@@ -568,6 +571,8 @@ class Batch:
         for stage in ("vae_encode", "text_encoding"):
             if stage in self.marks:
                 out[stage] = t.seconds(*self.marks[stage])
+        if self.safety_marks:
+            out["safety_checker"] = sum(t.seconds(*marks) for marks in self.safety_marks)
         steps = [t.seconds(a, b) for a, b in zip(self.steps, self.steps[1:], strict=False)]
         out["denoising"], out["steps"] = sum(steps), steps
         return out
