@@ -255,7 +255,7 @@ class Settings:
 
     # -- batching --
     batch_window_ms = Var("BATCH_WINDOW_MS", "batching", number(0), 5.0,
-        "how long the batcher waits for compatible requests (0 when concurrency is 1)")
+        "longest a batch waits for a compatible request still being prepared (0 when concurrency is 1)")
     batch_max_images = Var("BATCH_MAX_IMAGES", "batching", integer(1), 16, "most images in one batch")
     cog_max_concurrency = Var("COG_MAX_CONCURRENCY", "batching", integer(1), 1,
         "predictions Cog runs at once (set by Cog from cog.yaml's concurrency.max)")
@@ -274,7 +274,7 @@ class Settings:
         "the frames' encoding")
     realtime_frame_quality = Var("REALTIME_FRAME_QUALITY", "realtime", integer(1, 100), 85, "the frames' quality")
     realtime_batch_window_ms = Var("REALTIME_BATCH_WINDOW_MS", "realtime", number(0), 2.0,
-        "how long the batcher waits for other sessions' frames to batch with")
+        "longest a batch waits for another session's frame still being prepared")
 
     # -- lora --
     lora_cache_dir = Var("LORA_CACHE_DIR", "lora", path(), lambda s: s.weights_dir / ".loras", "the style-LoRA cache",

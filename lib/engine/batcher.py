@@ -1,15 +1,18 @@
 """Cross-request batching: concurrent predictions that can share one pipeline call run as one batch.
 
 Cog runs `async def run` predictions concurrently (COG_MAX_CONCURRENCY). Each one streams a Job through here; a
-dispatcher waits a short window for others to arrive, then hands the oldest group of compatible jobs (same
-batch_key, up to a cap of images) to the device thread, so the device runs one batch at a time while the event
-loop stays free. Requests that arrive while a batch runs form the next one. Requests are grouped by mode: a
-pending request whose mode is on the device goes before an older one whose mode the memory plan keeps in host
-memory (lib/engine/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so that moves stay rare.
+dispatcher hands the oldest group of compatible jobs (same batch_key, up to a cap of images) to the device thread,
+so the device runs one batch at a time while the event loop stays free. Requests that arrive while a batch runs
+form the next one. The batching window (BATCH_WINDOW_MS) is spent only on requests that might join: while a
+compatible request is on its way (`incoming`: validated, its job being prepared: the input image read, the style
+LoRA fetched), the dispatcher waits for it, up to the window; a lone request at an idle device starts at once.
+Requests are grouped by mode: a pending request whose mode is on the device goes before an older one whose mode the
+memory plan keeps in host memory (lib/engine/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so
+that moves stay rare.
 
 Two threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA
 graph trees are per thread: warm-up and predictions must share one); the host thread finishes it (images,
-safety checker, files, metrics), while the device thread goes on with the next batch.
+files, metrics), while the device thread goes on with the next batch.
 
 Cog routes logs and metrics by context variables, which a worker thread does not inherit: a batch runs in
 copies of its first request's context (its logs go there), and each request's metrics are recorded in a copy
@@ -19,6 +22,7 @@ of that request's own context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import queue
 import threading
@@ -28,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lib.engine.engine import Batch, Cancelled, Engine, Job, Output, batch_key
+from lib.engine.inputs import Request
 from lib.settings import Settings
 
 _DONE = object()
@@ -67,6 +72,8 @@ class Batcher:
         self.window = _window_from_env() if window is None else window
         self.max_images = max_images or Settings().batch_max_images
         self._pending: list[_Entry] = []
+        self._incoming: list[Request] = []  # validated requests whose jobs are being prepared
+        self._arrival: asyncio.Event | None = None  # set when a job arrives or an incoming request gives up
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host")
         self._backlog = threading.Semaphore(HOST_BACKLOG)
@@ -77,11 +84,23 @@ class Batcher:
         """The engine's warm-up, on the device thread (the one that will serve the predictions)."""
         return self._device.submit(self.engine.warm_up, img2img).result()
 
+    @contextlib.contextmanager
+    def incoming(self, request: Request) -> Iterator[None]:
+        """On the event loop, around preparing `request`'s job (before stream() or results()): a batch of the same
+        key waits for it, up to the window, instead of starting without it."""
+        self._incoming.append(request)
+        try:
+            yield
+        finally:
+            self._incoming.remove(request)
+            if self._arrival is not None:
+                self._arrival.set()
+
     def _submit(self, job: Job) -> tuple[_Outbox, Callable[[], None]]:
         """Queue `job` for the dispatcher; returns its outbox and what drops it (marks it canceled)."""
         loop = asyncio.get_running_loop()
         if self._dispatcher is None or self._dispatcher.done():
-            self._wakeup = asyncio.Event()
+            self._wakeup, self._arrival = asyncio.Event(), asyncio.Event()
             self._dispatcher = loop.create_task(self._dispatch())
         outbox = _Outbox()
         entry = _Entry(job, outbox, contextvars.copy_context())
@@ -89,6 +108,7 @@ class Batcher:
         job.record = lambda key, value: entry.context.run(record, key, value)
         self._pending.append(entry)
         self._wakeup.set()
+        self._arrival.set()
 
         def drop() -> None:
             job.cancelled = True
@@ -146,11 +166,29 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.window:
-                await asyncio.sleep(self.window)  # let requests that arrive together batch together
             while self._pending:
+                await self._gather(loop)
+                if not self._pending:  # every pending request was canceled meanwhile
+                    break
                 batch = self._take_batch()
                 await loop.run_in_executor(self._device, batch[0].context.copy().run, self._work, batch, loop)
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The window: wait, at most `window` seconds, while a request that would join the next batch is on its way
+        (no wait at all for a lone request)."""
+        deadline = loop.time() + self.window
+        while self._pending and self._joining() and (left := deadline - loop.time()) > 0:
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), left)
+            except TimeoutError:
+                return
+
+    def _joining(self) -> bool:
+        """Whether an incoming request has the next batch's key (and room in it)."""
+        key = batch_key(self._next().job.request)
+        taken = sum(e.job.request.num_outputs for e in self._pending if batch_key(e.job.request) == key)
+        return any(batch_key(r) == key and taken + r.num_outputs <= self.max_images for r in self._incoming)
 
     def _take_batch(self) -> list[_Entry]:
         """The next job (see the module docstring) and the compatible ones after it, up to max_images."""
