@@ -249,8 +249,8 @@ class Settings:
         "CUDA graphs through torch.compile, for the modes the memory plan keeps resident")
     speed_warmup = Var("SPEED_WARMUP", "speed", switch(), None,
         "setup runs each mode once at its default size, on the serving thread", shown="on for CUDA")
-    speed_encode_threads = Var("SPEED_ENCODE_THREADS", "speed", integer(0), lambda s: min(4, os.cpu_count() or 1),
-        "threads that encode image files (0: inline)", shown="min(4, CPU cores)")
+    speed_encode_threads = Var("SPEED_ENCODE_THREADS", "speed", integer(0), lambda s: min(16, os.cpu_count() or 1),
+        "threads that encode image files, a batch's images at once (0: inline)", shown="min(16, CPU cores)")
     speed_webp_method = Var("SPEED_WEBP_METHOD", "speed", integer(0, 6), 0, "libwebp effort (0 is 4x faster than 4)")
 
     # -- batching --

@@ -159,3 +159,42 @@ def test_a_batch_waits_for_a_compatible_request_still_being_prepared(batched, tm
         [dict(img, image=str(photo), seed=1), dict(img, image=str(slow), seed=2, strength=0.7)], window=20.0
     )
     assert [m["batch.requests"] for _, m in results] == [1, 1] and results[0][1]["queue_wait"] < 10
+
+
+def test_encoding_overlaps_the_next_batch(predictor, batched, monkeypatch):
+    """A batch whose image encodes slowly holds back neither the next batch's denoising nor its encoding: the slow
+    encoder waits until the next batch's image has started encoding (on the old single host thread that never
+    happened: it waited for the slow batch's files first), and the next batch denoised before the slow file was
+    written. Order of events, not durations."""
+    import threading
+    import time
+
+    from lib.engine import images
+
+    events: list[tuple[str, float]] = []
+    next_started = threading.Event()
+    real_write = images._write
+
+    def write(image, target, fmt, quality, settings):
+        events.append((f"encode {settings['prompt']}", time.perf_counter()))
+        if settings["prompt"] == "next":
+            next_started.set()
+        else:
+            next_started.wait(timeout=30)
+        real_write(image, target, fmt, quality, settings)
+        events.append((f"written {settings['prompt']}", time.perf_counter()))
+
+    monkeypatch.setattr(images, "_write", write)
+    unet = predictor.engine.modes["sd-turbo"].txt2img.unet
+    hook = unet.register_forward_pre_hook(lambda *a: events.append(("denoise", time.perf_counter())))
+    try:
+        [(paths, _)] = batched([dict(BASE, prompt="next", seed=2, width=264)], first=dict(BASE, prompt="slow", seed=1))
+    finally:
+        hook.remove()
+    assert len(paths) == 1 and next_started.is_set()
+    at = {}
+    for what, t in events:
+        at.setdefault(what, []).append(t)
+    assert len(at["denoise"]) == 2  # one step each
+    assert at["denoise"][1] < at["written slow"][0]
+    assert at["encode slow"][0] < at["encode next"][0] < at["written slow"][0]

@@ -10,9 +10,11 @@ Requests are grouped by mode: a pending request whose mode is on the device goes
 memory plan keeps in host memory (lib/engine/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so
 that moves stay rare.
 
-Two threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA
-graph trees are per thread: warm-up and predictions must share one); the host thread finishes it (images,
-files, metrics), while the device thread goes on with the next batch.
+Threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA graph
+trees are per thread: warm-up and predictions must share one); the host thread makes its images and hands them to
+the encoder pool (lib/engine/images.py: all of a batch's images at once), while the device thread goes on with the
+next batch; a writer thread waits for the batch's files and records its metrics, so that the next batch's images
+are encoded while this batch's still are. At most HOST_BACKLOG batches are between the device and their files.
 
 Cog routes logs and metrics by context variables, which a worker thread does not inherit: a batch runs in
 copies of its first request's context (its logs go there), and each request's metrics are recorded in a copy
@@ -76,6 +78,7 @@ class Batcher:
         self._arrival: asyncio.Event | None = None  # set when a job arrives or an incoming request gives up
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host")
+        self._writers = ThreadPoolExecutor(max_workers=HOST_BACKLOG, thread_name_prefix="writer")
         self._backlog = threading.Semaphore(HOST_BACKLOG)
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
@@ -225,11 +228,11 @@ class Batcher:
             run = Batch(self.engine, [e.job for e in batch])
             for chunk in run.generate():
                 host(self._finish, run, chunk, batch, loop, state)
-            host(self._end, run, batch, loop, state, None)
+            host(self._close, run, batch, loop, state, None)
         except Cancelled:
-            host(self._end, None, batch, loop, state, _DONE)
+            host(self._close, None, batch, loop, state, _DONE)
         except BaseException as exc:  # the batch failed: every job in it reports the error
-            host(self._end, None, batch, loop, state, exc)
+            host(self._close, None, batch, loop, state, exc)
 
     def _finish(self, run: Batch, chunk, batch: list[_Entry], loop, state: dict) -> None:
         """Host thread: one chunk's images, each to its job's queue as it is written."""
@@ -242,8 +245,13 @@ class Batcher:
         except BaseException as exc:
             state["failed"] = exc
 
+    def _close(self, run: Batch | None, batch: list[_Entry], loop, state: dict, result) -> None:
+        """Host thread, after the batch's last chunk: its end goes to a writer thread, which waits for its files,
+        so that the host thread goes on with the next batch's images (their encoding overlaps this batch's)."""
+        self._writers.submit(contextvars.copy_context().run, self._end, run, batch, loop, state, result)
+
     def _end(self, run: Batch | None, batch: list[_Entry], loop, state: dict, result) -> None:
-        """Host thread: the batch's last outputs and metrics, then each job's end (_DONE or the error)."""
+        """Writer thread: the batch's last outputs and metrics, then each job's end (_DONE or the error)."""
         try:
             by_job = {id(e.job): e for e in batch}
             if run is not None and state["failed"] is None:
