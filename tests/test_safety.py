@@ -246,7 +246,7 @@ def test_verdicts_on_the_device_equal_the_diffusers_checker_on_pil_images(checke
             weights[0].copy_(torch.tensor(concept))
             weights[1].copy_(torch.tensor(special_care))
 
-    n_concepts, n_special = concepts.shape[1], special.shape[1]
+    n_special = special.shape[1]
     loaded = [w.float().tolist() for w in weights]
     split = list(loaded[0])
     split[0] = midpoint(concepts[:, 0])

@@ -194,15 +194,22 @@ class Batcher:
         return any(batch_key(r) == key and taken + r.num_outputs <= self.max_images for r in self._incoming)
 
     def _take_batch(self) -> list[_Entry]:
-        """The next job (see the module docstring) and the compatible ones after it, up to max_images."""
+        """The next job (see the module docstring) and the compatible ones after it, up to max_images and what fits
+        the memory budget (lib/engine/memory.py: a request alone always fits)."""
         key = batch_key(self._next().job.request)
         batch, images = [], 0
         for entry in list(self._pending):
-            n = entry.job.request.num_outputs
-            if batch_key(entry.job.request) == key and (not batch or images + n <= self.max_images):
-                batch.append(entry)
-                images += n
-                self._pending.remove(entry)
+            request = entry.job.request
+            if batch_key(request) != key:
+                continue
+            if batch and (
+                images + request.num_outputs > self.max_images
+                or not self.engine.fits([e.job.request for e in batch] + [request])
+            ):
+                continue
+            batch.append(entry)
+            images += request.num_outputs
+            self._pending.remove(entry)
         return batch
 
     def _next(self) -> _Entry:

@@ -16,14 +16,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from lib.engine import decoding, images, memory, precision, prompts, schedulers, speed
-from lib.engine.inputs import InputError, Request, resolve_request
+from lib.engine.inputs import NUM_OUTPUTS_RANGE, SIZE_RANGE, InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, choose_device, load_modes, mode_parts
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
@@ -126,8 +126,12 @@ class Engine:
         loader = ComponentLoader(
             device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes, dtype)
         )
-        plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker)
+        # The shapes CUDA graphs capture, per mode (the warm-up's: batch 1 at the default size; speed.py decides).
+        graph_shapes = {n: [(1, MODES[n].size, MODES[n].size)] for n in mode_names} if switches.cuda_graphs else {}
+        plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker, graph_shapes)
         log.info("%s", plan.describe())
+        if plan.source == "DEVICE_MEMORY_BUDGET":
+            memory.cap_allocator(device, plan.budget)  # the budget holds: beyond it, allocations fail and are retried
         resident = {k for name in plan.resident for k in plan.mode_modules[name]}
         loader.on_device = resident.__contains__
         started = time.perf_counter()
@@ -209,6 +213,25 @@ class Engine:
         """Each mode once at its default size (lib/engine/speed.py), on the thread that will serve predictions."""
         return speed.warm_up(self, img2img)
 
+    def need(self, requests: list[Request]) -> int:
+        """Working memory a batch of these (compatible) requests needs on the device (lib/engine/memory.py)."""
+        first = requests[0]
+        estimate = self.residency.plan.estimates.get(first.mode.name)
+        if estimate is None:  # an engine built without a plan
+            return 0
+        images = sum(r.num_outputs for r in requests)
+        checked = sum(r.num_outputs for r in requests if not r.disable_safety_checker) if self.safety else 0
+        runs = first.schedule[1]
+        cfg = first.mode.uses_cfg(first.guidance_scale)
+        return estimate.need(first.width, first.height, images, runs, cfg, checked=checked)
+
+    def fits(self, requests: list[Request]) -> bool:
+        """Whether a batch of these requests fits the memory budget beside its mode's weights alone."""
+        plan = self.residency.plan
+        if plan.usable is None:
+            return True
+        return plan.weights([requests[0].mode.name]) + self.need(requests) <= plan.usable
+
     def decoder(self, request: Request):
         """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""
         return self._autoencoder(request, "fast_decode", request.fast_decode)
@@ -226,8 +249,12 @@ class Engine:
         return loaded.tiny_vae
 
 
-def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool) -> memory.Plan:
-    """The memory plan from the files' sizes, before anything is loaded (lib/engine/memory.py)."""
+def plan_memory(
+    loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool, graph_shapes: dict | None = None
+) -> memory.Plan:
+    """The memory plan from the files' sizes and the models' configs, before anything is loaded
+    (lib/engine/memory.py). `graph_shapes`: per mode whose UNet CUDA graphs will capture, the (batch entries, width,
+    height) it captures (what their pool holds while the mode is resident)."""
     check_present(weights_dir, mode_names)  # one message for every missing file, before any is read
     if safety_checker:
         check_safety_weights(weights_dir)
@@ -239,25 +266,37 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
         budget, source = torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
     else:
         budget, source = None, "the CPU"
-    sizes, mode_modules, working = {}, {}, {}
+    checker = safety_shape(weights_dir) if safety_checker else None
+    sizes, mode_modules, largest, estimates = {}, {}, {}, {}
     for name in mode_names:
         mode, parts = MODES[name], mode_parts(loader, weights_dir, MODES[name])
         for part in parts.values():
             sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
         mode_modules[name] = frozenset(p.key for p in parts.values())
-        working[name] = memory.working_bytes(
-            parts["unet"].config(),
-            parts["vae"].config(),
-            mode.size,
-            loader.dtype,
-            loader.dtype_of(parts["vae"]),
-            cfg=mode.uses_cfg(mode.guidance.default),
+        vae = parts["vae"]
+        estimate = memory.ModeMemory(
+            parts["unet"].config(), memory.decoder_width(vae.config()), loader.dtype, loader.dtype_of(vae), checker
         )
+        estimates[name] = estimate
+        biggest, images = SIZE_RANGE[1], NUM_OUTPUTS_RANGE[1]
+        cfg = mode.uses_cfg(max(mode.guidance.values + (mode.guidance.range or ())))
+        largest[name] = estimate.need(biggest, biggest, images, mode.steps.range[1], cfg)
+    pools = {name: memory.graph_pool_bytes(estimates[name], shapes) for name, shapes in (graph_shapes or {}).items()}
     always = frozenset()
     if safety_checker:
         sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)
         always = frozenset({"safety_checker"})
-    return memory.make_plan(mode_modules, sizes, always, working, budget, source)
+    plan = memory.make_plan(mode_modules, sizes, always, largest, budget, source, pools)
+    return replace(plan, estimates=estimates)
+
+
+def safety_shape(weights_dir: Path) -> tuple[int, int]:
+    """The safety checker's CLIP tower: (tokens, width), from its config (what its activations scale with)."""
+    import json
+
+    vision = json.loads((safety_file(weights_dir).parent / "config.json").read_text())["vision_config"]
+    tokens = (vision.get("image_size", 224) // vision.get("patch_size", 14)) ** 2 + 1
+    return tokens, vision.get("hidden_size", 1024)
 
 
 @dataclass
@@ -307,22 +346,19 @@ class Batch:
     # -- stage 1: the device thread ------------------------------------------------------------------------------
     def generate(self) -> Iterator[Chunk]:
         self._log_requests()
-        seconds, _ = self.engine.residency.ensure(self.mode.name)
+        checker = self.engine.safety
+        if checker is not None:
+            jobs = [job for job, _, _ in self.images]
+            self.checked = [k for k, j in enumerate(jobs) if not (j.request.disable_safety_checker or j.cancelled)]
+        seconds, _ = self.engine.residency.ensure(self.mode.name, self.engine.need([j.request for j in self.jobs]))
         if seconds:
             self.host_seconds["mode_load"] = seconds
         latents = self._denoise_with_retry()
         decoder = self.engine.decoder(self.first)
         n = len(self.images)
-        size = self._chunk_size(decoder, n)
-        checker = self.engine.safety
-        if checker is not None:
-            jobs = [job for job, _, _ in self.images]
-            self.checked = [k for k, j in enumerate(jobs) if not (j.request.disable_safety_checker or j.cancelled)]
         to_check = []  # the checked images' pixels, on the device until the last chunk is decoded
-        for start in range(0, n, size):
-            stop, timeline = min(n, start + size), self.timeline
-            began = timeline.mark()
-            pixels = decoding.decode(decoder, latents[start:stop])
+        for start, stop, began, pixels in self._decode(decoder, latents):
+            timeline = self.timeline
             host = decoding.to_host(pixels)
             decoded = timeline.mark()
             mine = [k - start for k in self.checked if start <= k < stop]
@@ -369,20 +405,57 @@ class Batch:
 
     def _denoise_with_retry(self) -> torch.Tensor:
         """_denoise, once more if the device ran out of memory and other modes can make room; the style LoRA
-        files are closed after both attempts (the retry applies the LoRA again)."""
+        files are closed after both attempts (the retry applies the LoRA again). The retry runs after the `except`
+        block: inside it the error's traceback still holds the failed attempt's frames, and their tensors."""
         try:
             try:
                 return self._denoise()
             except torch.cuda.OutOfMemoryError:
-                if not self.engine.residency.evict_all_but(self.mode.name):
+                if not self.engine.residency.can_evict(self.mode.name):
                     raise
-                torch.cuda.empty_cache()  # the other modes' weights are in host memory now: try once more
-                self.logged_steps = 0  # the retry's steps are logged as they run
-                return self._denoise()
+            self._make_room()
+            self.logged_steps = 0  # the retry's steps are logged as they run
+            return self._denoise()
         finally:
             for job in self.jobs:
                 if job.lora:
                     job.lora.close()
+
+    def _make_room(self) -> bool:
+        """After an out-of-memory error: every other mode out, the allocator's cache emptied. Whether a mode went."""
+        evicted = self.engine.residency.evict_all_but(self.mode.name)
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return bool(evicted)
+
+    def _decode(self, decoder, latents: torch.Tensor) -> Iterator[tuple[int, int, object, torch.Tensor]]:
+        """(start, stop, start mark, pixels) per chunk of images decoded in one call: as many per call as fit. Out of
+        memory, a chunk is decoded again (after the `except` block, the failed call's tensors gone) with every other
+        mode moved out, then in halves, then one image at a time in tiles (lib/engine/decoding.py)."""
+        n, size, tiled, start = len(latents), self._chunk_size(decoder, len(latents)), False, 0
+        while start < n:
+            stop = min(n, start + size)
+            began = self.timeline.mark()
+            try:
+                pixels = decoding.decode(decoder, latents[start:stop], tiled=tiled)
+            except torch.cuda.OutOfMemoryError:
+                if tiled:  # nothing smaller to try
+                    raise
+                pixels = None
+            if pixels is None:
+                if not self._make_room():
+                    if stop - start > 1:
+                        size = max(1, (stop - start) // 2)
+                    else:
+                        tiled = True
+                        log.warning(
+                            "out of device memory decoding a %dx%d image: decoding it in tiles",
+                            self.first.width,
+                            self.first.height,
+                        )
+                continue
+            yield start, stop, began, pixels
+            start = stop
 
     def _denoise(self) -> torch.Tensor:
         """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
@@ -467,18 +540,13 @@ class Batch:
             self.logged_steps = k
 
     def _chunk_size(self, decoder, n: int) -> int:
-        """Images per VAE call: on CUDA as many as fit in the free memory. On a CPU, where a decode is already
+        """Images per VAE call: on CUDA as many as fit in the room left. On a CPU, where a decode is already
         parallel per image and batching gains nothing, one at a time, so that each image streams as soon as it
         is decoded."""
-        device = self.engine.device
-        if device.type != "cuda":
+        room = memory.device_room(self.engine.device)  # within DEVICE_MEMORY_BUDGET where it is set
+        if room is None:
             return 1
-        free = (
-            torch.cuda.mem_get_info(device)[0]
-            + torch.cuda.memory_reserved(device)
-            - torch.cuda.memory_allocated(device)
-        )
-        return max(1, min(n, int(free * 0.8) // decoding.decode_bytes(decoder, self.first.width, self.first.height)))
+        return max(1, min(n, int(room * 0.8) // decoding.decode_bytes(decoder, self.first.width, self.first.height)))
 
     # -- stage 2: host work, on any thread -------------------------------------------------------------------------
     def finish(self, chunk: Chunk) -> Iterator[tuple[Job, Output]]:
