@@ -27,6 +27,7 @@ in that prediction's metrics as `timings.mode_load` and in the logs. On a CPU de
 one: without DEVICE_MEMORY_BUDGET every mode is resident; with it the same plan and bookkeeping run, and a move
 only updates the bookkeeping.
 """
+
 from __future__ import annotations
 
 import logging
