@@ -440,3 +440,21 @@ def test_host_copies_are_made_once_and_a_move_copies_each_tensor_once():
     assert counts == [4, 2, 2]  # the first time a left: its two tensors copied to the host, then never again
     for name, m in {"a": a, "b": b}.items():
         assert all(torch.equal(x, y) for x, y in zip(m.state_dict().values(), original[name], strict=True))
+
+
+def test_the_budget_caps_the_cuda_allocator_and_the_decode_room(monkeypatch):
+    """DEVICE_MEMORY_BUDGET becomes the CUDA allocator's limit (an allocation beyond it fails, and is retried with
+    less), lifted again by an engine loaded without it; the decode's chunks are sized within it. The CUDA calls are
+    recorded here (this machine may have no GPU): the budget check on a GPU is scripts/gpu_check.sh's."""
+    gib, calls = 2**30, []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * gib}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(f))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 10 * gib)
+    cuda = torch.device("cuda", 0)
+    memory.cap_allocator(cuda, 24 * gib)
+    assert calls == [24 / 80] and memory.device_room(cuda) == 14 * gib  # 24 GiB less the 10 allocated
+    memory.cap_allocator(cuda, None)
+    assert calls == [24 / 80, 1.0] and memory.device_room(cuda) == 72 * gib  # free + reserved but unused
+    assert memory.device_room(CPU) is None

@@ -287,3 +287,11 @@ def test_scores_are_rounded_to_three_decimals_as_the_checker_loop_rounds_them():
     want = [bool(round(score, 3) > 0) for score in scores]  # NumPy's float32 rounding, half to even
     assert above_zero(torch.from_numpy(scores)).tolist() == want
     assert want.count(True) == 5
+
+
+def test_safety_benchmark_smoke(checker):
+    """scripts/bench_safety.py's measurement runs (CI smoke; the figures are not asserted)."""
+    from lib.bench.safety import measure
+
+    result = measure(checker, size=256, images=2, repeats=1)
+    assert result["size"] == 256 and result["images"] == 2 and result["ratio"] > 0

@@ -130,8 +130,8 @@ class Engine:
         graph_shapes = {n: [(1, MODES[n].size, MODES[n].size)] for n in mode_names} if switches.cuda_graphs else {}
         plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker, graph_shapes)
         log.info("%s", plan.describe())
-        if plan.source == "DEVICE_MEMORY_BUDGET":
-            memory.cap_allocator(device, plan.budget)  # the budget holds: beyond it, allocations fail and are retried
+        # The budget holds: beyond it, allocations fail and are retried (without DEVICE_MEMORY_BUDGET: the device).
+        memory.cap_allocator(device, plan.budget if plan.source == "DEVICE_MEMORY_BUDGET" else None)
         resident = {k for name in plan.resident for k in plan.mode_modules[name]}
         loader.on_device = resident.__contains__
         started = time.perf_counter()

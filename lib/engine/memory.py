@@ -263,16 +263,21 @@ def make_plan(
 _cap: dict[int, int] = {}  # CUDA device index -> the allocator's limit set by cap_allocator
 
 
-def cap_allocator(device: torch.device, budget: int) -> None:
-    """Hold the CUDA caching allocator to `budget` bytes (DEVICE_MEMORY_BUDGET): beyond it an allocation fails with
-    OutOfMemoryError, which the engine answers by moving other modes out, smaller decode chunks and a tiled decode,
-    instead of the process growing past what it promised. cuDNN and cuBLAS workspaces come from the same allocator."""
+def cap_allocator(device: torch.device, budget: int | None) -> None:
+    """Hold the CUDA caching allocator to `budget` bytes (DEVICE_MEMORY_BUDGET; None: the whole device): beyond it an
+    allocation fails with OutOfMemoryError, which the engine answers by moving other modes out, smaller decode chunks
+    and a tiled decode, instead of the process growing past what it promised. cuDNN and cuBLAS workspaces come from
+    the same allocator. The cap is the process's: each engine loaded sets it (or lifts it) anew."""
     device = torch.device(device)
     if device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-    _cap[device.index or 0] = min(budget, total)
+    limit = total if budget is None else min(budget, total)
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    if budget is None:
+        _cap.pop(device.index or 0, None)
+    else:
+        _cap[device.index or 0] = limit
 
 
 def device_room(device: torch.device) -> int | None:
