@@ -13,6 +13,7 @@ Timings are CUDA events (lib/engine/timeline.py), read after the work: nothing w
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -424,6 +425,7 @@ class Batch:
     def _make_room(self) -> bool:
         """After an out-of-memory error: every other mode out, the allocator's cache emptied. Whether a mode went."""
         evicted = self.engine.residency.evict_all_but(self.mode.name)
+        gc.collect()  # the failed attempt's tensors, should anything in its frames form a cycle
         if self.engine.device.type == "cuda":
             torch.cuda.empty_cache()
         return bool(evicted)
