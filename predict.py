@@ -109,8 +109,10 @@ class Predictor(BaseRunner):
         )
         folder = self.outputs.new()
         try:
-            # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile.
-            job = await asyncio.to_thread(self.engine.job, request, folder, self.record_metric)
+            # In a thread: fetching a LoRA is network work, and the event loop serves the other predictions meanwhile;
+            # a batch of the same kind about to start waits for this one (up to BATCH_WINDOW_MS).
+            with self.batcher.incoming(request):
+                job = await asyncio.to_thread(self.engine.job, request, folder, self.record_metric)
             # A sync iterator returned from async run() streams: Cog sends each image as it is written (a
             # yielding async generator's images would all be sent at the end; see Batcher.stream).
             outputs = await self.batcher.stream(job)

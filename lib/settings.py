@@ -267,13 +267,13 @@ class Settings:
         "CUDA graphs through torch.compile, for the modes the memory plan keeps resident")
     speed_warmup = Var("SPEED_WARMUP", "speed", switch(), None,
         "setup runs each mode once at its default size, on the serving thread", shown="on for CUDA")
-    speed_encode_threads = Var("SPEED_ENCODE_THREADS", "speed", integer(0), lambda s: min(4, os.cpu_count() or 1),
-        "threads that encode image files (0: inline)", shown="min(4, CPU cores)")
+    speed_encode_threads = Var("SPEED_ENCODE_THREADS", "speed", integer(0), lambda s: min(16, os.cpu_count() or 1),
+        "threads that encode image files, a batch's images at once (0: inline)", shown="min(16, CPU cores)")
     speed_webp_method = Var("SPEED_WEBP_METHOD", "speed", integer(0, 6), 0, "libwebp effort (0 is 4x faster than 4)")
 
     # -- batching --
     batch_window_ms = Var("BATCH_WINDOW_MS", "batching", number(0), 5.0,
-        "how long the batcher waits for compatible requests (0 when concurrency is 1)")
+        "longest a batch waits for a compatible request still being prepared (0 when concurrency is 1)")
     batch_max_images = Var("BATCH_MAX_IMAGES", "batching", integer(1), 16, "most images in one batch")
     cog_max_concurrency = Var("COG_MAX_CONCURRENCY", "batching", integer(1), 1,
         "predictions Cog runs at once (set by cog build from predict.py's @concurrent(max=...))")
@@ -296,7 +296,7 @@ class Settings:
         "the frames' encoding")
     realtime_frame_quality = Var("REALTIME_FRAME_QUALITY", "realtime", integer(1, 100), 85, "the frames' quality")
     realtime_batch_window_ms = Var("REALTIME_BATCH_WINDOW_MS", "realtime", number(0), 2.0,
-        "how long the batcher waits for other sessions' frames to batch with")
+        "longest a batch waits for another session's frame still being prepared")
 
     # -- lora --
     lora_cache_dir = Var("LORA_CACHE_DIR", "lora", path(), lambda s: s.weights_dir / ".loras", "the style-LoRA cache",

@@ -1,6 +1,6 @@
 """The safety checker (lib/engine/safety.py) through the Predictor on the tiny checker: on by default, off per request,
 flagged images dropped, a request with every image flagged fails, the count is a metric and a log line, and it
-runs once per batch.
+runs once per batch, on the device thread; and its verdicts on the device equal diffusers' checker's on PIL images.
 
 The tiny checker is the real StableDiffusionSafetyChecker with a shrunk CLIP tower; its thresholds (2.0) flag
 nothing. Tests that need flagged images lower the thresholds on the loaded module, and the checker's own code
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -25,22 +27,24 @@ BASE = dict(prompt="a lighthouse at dusk", mode="sd-turbo", width=256, height=25
 
 @pytest.fixture
 def checker(predictor):
-    """The engine's safety checker; its thresholds are put back and its calls recorded (images per call)."""
+    """The engine's safety checker; its thresholds are put back and its calls recorded (images per call, and the
+    thread that made it)."""
     safety = predictor.engine.safety
     assert safety is not None, "the checker is on by default"
     model = safety.model
     saved = model.concept_embeds_weights.clone(), model.special_care_embeds_weights.clone()
-    calls = []
-    real = safety.flagged
+    calls, threads = [], []
+    real = safety.check
 
-    def flagged(images):
-        calls.append(len(images))
-        return real(images)
+    def check(pixels):
+        calls.append(len(pixels))
+        threads.append(threading.current_thread().name)
+        return real(pixels)
 
-    safety.flagged = flagged
-    safety.calls = calls
+    safety.check = check
+    safety.calls, safety.threads = calls, threads
     yield safety
-    del safety.flagged, safety.calls
+    del safety.check, safety.calls, safety.threads
     with torch.no_grad():
         model.concept_embeds_weights.copy_(saved[0])
         model.special_care_embeds_weights.copy_(saved[1])
@@ -185,18 +189,110 @@ def test_safety_checker_off_switch_and_what_it_fetches(monkeypatch, tiny_weights
         SafetyChecker.load(tiny_weights / "nowhere", torch.device("cpu"), torch.float32)
 
 
-def test_preprocessing_split_over_threads_gives_the_same_pixels(checker):
-    from concurrent.futures import ThreadPoolExecutor
+def crafted_images(height: int, width: int, count: int, rng) -> list:
+    """Noise, flat colours and colour ramps: images that the tiny checker tells apart."""
+    out = []
+    for i in range(count):
+        if i % 3 == 0:
+            a = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        elif i % 3 == 1:
+            a = np.broadcast_to(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8), (height, width, 3)).copy()
+        else:
+            y, x = np.linspace(0, 255, height)[:, None, None], np.linspace(0, 255, width)[None, :, None]
+            a = ((y * rng.random(3) + x * rng.random(3)) % 256).astype(np.uint8)
+        out.append(a)
+    return out
 
-    import numpy as np
 
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(7)]
-    serial = checker.processor(images=images, return_tensors="pt").pixel_values
-    saved = checker._threads, checker._pool
-    checker._threads, checker._pool = 3, ThreadPoolExecutor(3)
-    try:
-        assert torch.equal(checker._pixels(images), serial)
-    finally:
-        checker._pool.shutdown()
-        checker._threads, checker._pool = saved
+def test_verdicts_on_the_device_equal_the_diffusers_checker_on_pil_images(checker):
+    """check() on the decoded pixels (its own resize, crop and normalisation, the thresholds compared on the device)
+    against StableDiffusionSafetyChecker.forward on CLIPImageProcessor's pixels of the same images as PIL images, at
+    three sizes and three settings of the thresholds: as loaded (nothing flagged), one concept's threshold between
+    the images (some flagged), and the special-care rule (an image flagged only through the 0.01 that a special-care
+    concept adds). Every score stays clear of its threshold by far more than the preprocessing's difference."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+    rng = np.random.default_rng(3)
+    groups = [crafted_images(h, w, 6, rng) for h, w in ((256, 256), (256, 384), (512, 256))]
+    model = checker.model
+    weights = model.concept_embeds_weights, model.special_care_embeds_weights
+
+    def reference(arrays) -> list[bool]:
+        pixels = checker.processor(images=[Image.fromarray(a) for a in arrays], return_tensors="pt").pixel_values
+        with torch.no_grad():
+            _, nsfw = model(clip_input=pixels.to(checker.dtype), images=np.zeros((len(arrays), 1)))
+        return [bool(x) for x in nsfw]
+
+    def similarities(arrays):
+        pixels = checker.processor(images=[Image.fromarray(a) for a in arrays], return_tensors="pt").pixel_values
+        with torch.no_grad():
+            embeds = model.visual_projection(model.vision_model(pixels.to(checker.dtype))[1])
+            return cosine_distance(embeds, model.concept_embeds), cosine_distance(embeds, model.special_care_embeds)
+
+    concepts, special = (torch.cat(parts).float() for parts in zip(*map(similarities, groups), strict=True))
+
+    def midpoint(values):  # a threshold in the widest gap between the images' values
+        v = torch.sort(values).values
+        gap = int(torch.argmax(v[1:] - v[:-1]))
+        return float(v[gap] + v[gap + 1]) / 2
+
+    def clear_of_thresholds(name):  # round(score, 3) > 0 decides: the scores stay 0.002 away from 0.0005
+        special_scores = special - weights[1].float()
+        adjustment = (special_scores * 1000 > 0.5).any(dim=1, keepdim=True).float() * 0.01
+        for scores in (special_scores, concepts - weights[0].float() + adjustment):
+            assert (scores - 0.0005).abs().min() > 0.002, (name, scores)
+
+    def set_thresholds(concept: list[float], special_care: list[float]):
+        with torch.no_grad():
+            weights[0].copy_(torch.tensor(concept))
+            weights[1].copy_(torch.tensor(special_care))
+
+    n_special = special.shape[1]
+    loaded = [w.float().tolist() for w in weights]
+    split = list(loaded[0])
+    split[0] = midpoint(concepts[:, 0])
+    # Just above the most similar image, for the concepts where it stands out: nothing flagged without the 0.01.
+    ranked = torch.sort(concepts, dim=0, descending=True).values
+    top = [float(r[0]) + 0.005 if r[0] - r[1] > 0.012 else 2.0 for r in ranked.T]
+    adjusted_special = [midpoint(special[:, 0])] + [2.0] * (n_special - 1)
+    outcomes = {}
+    for name, concept, special_care in (
+        ("as loaded", loaded[0], loaded[1]),
+        ("one concept split", split, [2.0] * n_special),
+        ("special care adds 0.01", top, adjusted_special),
+        ("without special care", top, [2.0] * n_special),
+    ):
+        set_thresholds(concept, special_care)
+        clear_of_thresholds(name)
+        want = [v for arrays in groups for v in reference(arrays)]
+        got = [v for arrays in groups for v in checker.check(torch.from_numpy(np.stack(arrays))).tolist()]
+        assert got == want, name
+        outcomes[name] = sum(want)
+    total = sum(map(len, groups))
+    assert outcomes["as loaded"] == 0 and outcomes["without special care"] == 0
+    assert 0 < outcomes["one concept split"] < total and 0 < outcomes["special care adds 0.01"] < total, outcomes
+
+
+def test_the_checker_runs_on_the_device_thread_with_the_decoded_pixels(predictor, checker, run):
+    """Through the batcher, the checker is called on the device thread (right after the decode), not the host one."""
+    paths, metrics = run(**BASE, num_outputs=2, seed=8)
+    assert len(paths) == 2 and metrics["nsfw_flagged"] == 0
+    assert checker.calls == [2] and checker.threads[0].startswith("device")
+
+
+def test_scores_are_rounded_to_three_decimals_as_the_checker_loop_rounds_them():
+    """round(score, 3) > 0 on the float32 score, as StableDiffusionSafetyChecker.forward decides, near the edge."""
+    from lib.engine.safety import above_zero
+
+    scores = np.array([0.0004, 0.00049, 0.0005, 0.00050001, 0.00051, 0.0006, 0.001, -0.0006, 0.0, 0.2], np.float32)
+    want = [bool(round(score, 3) > 0) for score in scores]  # NumPy's float32 rounding, half to even
+    assert above_zero(torch.from_numpy(scores)).tolist() == want
+    assert want.count(True) == 5
+
+
+def test_safety_benchmark_smoke(checker):
+    """scripts/bench_safety.py's measurement runs (CI smoke; the figures are not asserted)."""
+    from lib.bench.safety import measure
+
+    result = measure(checker, size=256, images=2, repeats=1)
+    assert result["size"] == 256 and result["images"] == 2 and result["ratio"] > 0

@@ -1,15 +1,20 @@
 """Cross-request batching: concurrent predictions that can share one pipeline call run as one batch.
 
 Cog runs `async def run` predictions concurrently (COG_MAX_CONCURRENCY). Each one streams a Job through here; a
-dispatcher waits a short window for others to arrive, then hands the oldest group of compatible jobs (same
-batch_key, up to a cap of images) to the device thread, so the device runs one batch at a time while the event
-loop stays free. Requests that arrive while a batch runs form the next one. Requests are grouped by mode: a
-pending request whose mode is on the device goes before an older one whose mode the memory plan keeps in host
-memory (lib/engine/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so that moves stay rare.
+dispatcher hands the oldest group of compatible jobs (same batch_key, up to a cap of images) to the device thread,
+so the device runs one batch at a time while the event loop stays free. Requests that arrive while a batch runs
+form the next one. The batching window (BATCH_WINDOW_MS) is spent only on requests that might join: while a
+compatible request is on its way (`incoming`: validated, its job being prepared: the input image read, the style
+LoRA fetched), the dispatcher waits for it, up to the window; a lone request at an idle device starts at once.
+Requests are grouped by mode: a pending request whose mode is on the device goes before an older one whose mode the
+memory plan keeps in host memory (lib/engine/memory.py), unless that one has waited MODE_SWITCH_WAIT seconds, so
+that moves stay rare.
 
-Two threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA
-graph trees are per thread: warm-up and predictions must share one); the host thread finishes it (images,
-safety checker, files, metrics), while the device thread goes on with the next batch.
+Threads: the device thread runs a batch's device stage (lib/engine.Batch.generate) and the warm-up (CUDA graph
+trees are per thread: warm-up and predictions must share one); the host thread makes its images and hands them to
+the encoder pool (lib/engine/images.py: all of a batch's images at once), while the device thread goes on with the
+next batch; a writer thread waits for the batch's files and records its metrics, so that the next batch's images
+are encoded while this batch's still are. At most HOST_BACKLOG batches are between the device and their files.
 
 Cog routes logs and metrics by context variables, which a worker thread does not inherit: a batch runs in
 copies of its first request's context (its logs go there), and each request's metrics are recorded in a copy
@@ -19,6 +24,7 @@ of that request's own context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import queue
 import threading
@@ -28,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lib.engine.engine import Batch, Cancelled, Engine, Job, Output, batch_key
+from lib.engine.inputs import Request
 from lib.settings import Settings
 
 _DONE = object()
@@ -67,8 +74,11 @@ class Batcher:
         self.window = _window_from_env() if window is None else window
         self.max_images = max_images or Settings().batch_max_images
         self._pending: list[_Entry] = []
+        self._incoming: list[Request] = []  # validated requests whose jobs are being prepared
+        self._arrival: asyncio.Event | None = None  # set when a job arrives or an incoming request gives up
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host")
+        self._writers = ThreadPoolExecutor(max_workers=HOST_BACKLOG, thread_name_prefix="writer")
         self._backlog = threading.Semaphore(HOST_BACKLOG)
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
@@ -77,11 +87,23 @@ class Batcher:
         """The engine's warm-up, on the device thread (the one that will serve the predictions)."""
         return self._device.submit(self.engine.warm_up, img2img).result()
 
+    @contextlib.contextmanager
+    def incoming(self, request: Request) -> Iterator[None]:
+        """On the event loop, around preparing `request`'s job (before stream() or results()): a batch of the same
+        key waits for it, up to the window, instead of starting without it."""
+        self._incoming.append(request)
+        try:
+            yield
+        finally:
+            self._incoming.remove(request)
+            if self._arrival is not None:
+                self._arrival.set()
+
     def _submit(self, job: Job) -> tuple[_Outbox, Callable[[], None]]:
         """Queue `job` for the dispatcher; returns its outbox and what drops it (marks it canceled)."""
         loop = asyncio.get_running_loop()
         if self._dispatcher is None or self._dispatcher.done():
-            self._wakeup = asyncio.Event()
+            self._wakeup, self._arrival = asyncio.Event(), asyncio.Event()
             self._dispatcher = loop.create_task(self._dispatch())
         outbox = _Outbox()
         entry = _Entry(job, outbox, contextvars.copy_context())
@@ -89,6 +111,7 @@ class Batcher:
         job.record = lambda key, value: entry.context.run(record, key, value)
         self._pending.append(entry)
         self._wakeup.set()
+        self._arrival.set()
 
         def drop() -> None:
             job.cancelled = True
@@ -146,22 +169,47 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.window:
-                await asyncio.sleep(self.window)  # let requests that arrive together batch together
             while self._pending:
+                await self._gather(loop)
+                if not self._pending:  # every pending request was canceled meanwhile
+                    break
                 batch = self._take_batch()
                 await loop.run_in_executor(self._device, batch[0].context.copy().run, self._work, batch, loop)
 
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The window: wait, at most `window` seconds, while a request that would join the next batch is on its way
+        (no wait at all for a lone request)."""
+        deadline = loop.time() + self.window
+        while self._pending and self._joining() and (left := deadline - loop.time()) > 0:
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), left)
+            except TimeoutError:
+                return
+
+    def _joining(self) -> bool:
+        """Whether an incoming request has the next batch's key (and room in it)."""
+        key = batch_key(self._next().job.request)
+        taken = sum(e.job.request.num_outputs for e in self._pending if batch_key(e.job.request) == key)
+        return any(batch_key(r) == key and taken + r.num_outputs <= self.max_images for r in self._incoming)
+
     def _take_batch(self) -> list[_Entry]:
-        """The next job (see the module docstring) and the compatible ones after it, up to max_images."""
+        """The next job (see the module docstring) and the compatible ones after it, up to max_images and what fits
+        the memory budget (lib/engine/memory.py: a request alone always fits)."""
         key = batch_key(self._next().job.request)
         batch, images = [], 0
         for entry in list(self._pending):
-            n = entry.job.request.num_outputs
-            if batch_key(entry.job.request) == key and (not batch or images + n <= self.max_images):
-                batch.append(entry)
-                images += n
-                self._pending.remove(entry)
+            request = entry.job.request
+            if batch_key(request) != key:
+                continue
+            if batch and (
+                images + request.num_outputs > self.max_images
+                or not self.engine.fits([e.job.request for e in batch] + [request])
+            ):
+                continue
+            batch.append(entry)
+            images += request.num_outputs
+            self._pending.remove(entry)
         return batch
 
     def _next(self) -> _Entry:
@@ -187,11 +235,11 @@ class Batcher:
             run = Batch(self.engine, [e.job for e in batch])
             for chunk in run.generate():
                 host(self._finish, run, chunk, batch, loop, state)
-            host(self._end, run, batch, loop, state, None)
+            host(self._close, run, batch, loop, state, None)
         except Cancelled:
-            host(self._end, None, batch, loop, state, _DONE)
+            host(self._close, None, batch, loop, state, _DONE)
         except BaseException as exc:  # the batch failed: every job in it reports the error
-            host(self._end, None, batch, loop, state, exc)
+            host(self._close, None, batch, loop, state, exc)
 
     def _finish(self, run: Batch, chunk, batch: list[_Entry], loop, state: dict) -> None:
         """Host thread: one chunk's images, each to its job's queue as it is written."""
@@ -204,8 +252,13 @@ class Batcher:
         except BaseException as exc:
             state["failed"] = exc
 
+    def _close(self, run: Batch | None, batch: list[_Entry], loop, state: dict, result) -> None:
+        """Host thread, after the batch's last chunk: its end goes to a writer thread, which waits for its files,
+        so that the host thread goes on with the next batch's images (their encoding overlaps this batch's)."""
+        self._writers.submit(contextvars.copy_context().run, self._end, run, batch, loop, state, result)
+
     def _end(self, run: Batch | None, batch: list[_Entry], loop, state: dict, result) -> None:
-        """Host thread: the batch's last outputs and metrics, then each job's end (_DONE or the error)."""
+        """Writer thread: the batch's last outputs and metrics, then each job's end (_DONE or the error)."""
         try:
             by_job = {id(e.job): e for e in batch}
             if run is not None and state["failed"] is None:

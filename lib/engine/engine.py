@@ -3,27 +3,28 @@
 A batch (requests that share one pipeline call) runs in two stages, which lib/engine/batcher.py puts on two threads so
 that the next batch's denoising overlaps this one's files:
 - `Batch.generate`, on the device thread: the mode moved onto the device if the memory plan kept it in host
-  memory (lib/engine/memory.py), text encoding, denoising, and the decode, one VAE call per chunk of images that fits
-  in memory; the pixels go to host memory asynchronously;
-- `Batch.finish` / `Batch.end`, anywhere else: PIL images, the safety checker (its preprocessing there, its
-  forward on the device), the image files, the metrics.
+  memory (lib/engine/memory.py), text encoding, denoising (lib/engine/schedulers.py: no host sync inside it), the
+  decode, one VAE call per chunk of images that fits in memory, and the safety checker on the batch's decoded pixels
+  in one call (lib/engine/safety.py); the pixels and the verdicts go to host memory asynchronously;
+- `Batch.finish` / `Batch.end`, anywhere else: PIL images, the image files, the metrics.
 Timings are CUDA events (lib/engine/timeline.py), read after the work: nothing waits for the device on the way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from lib.engine import decoding, devices, images, memory, precision, prompts, speed
-from lib.engine.inputs import InputError, Request, resolve_request
+from lib.engine import decoding, devices, images, memory, precision, prompts, schedulers, speed
+from lib.engine.inputs import NUM_OUTPUTS_RANGE, SIZE_RANGE, InputError, Request, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, load_modes, mode_parts
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
@@ -131,8 +132,12 @@ class Engine:
         loader = ComponentLoader(
             device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes, dtype)
         )
-        plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker)
+        # The shapes CUDA graphs capture, per mode (the warm-up's: batch 1 at the default size; speed.py decides).
+        graph_shapes = {n: [(1, MODES[n].size, MODES[n].size)] for n in mode_names} if switches.cuda_graphs else {}
+        plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker, graph_shapes)
         log.info("%s", plan.describe())
+        # The budget holds: beyond it, allocations fail and are retried (without DEVICE_MEMORY_BUDGET: the device).
+        memory.cap_allocator(device, plan.budget if plan.source == "DEVICE_MEMORY_BUDGET" else None)
         resident = {k for name in plan.resident for k in plan.mode_modules[name]}
         loader.on_device = resident.__contains__
         started = time.perf_counter()
@@ -216,6 +221,25 @@ class Engine:
         """Each mode once at its default size (lib/engine/speed.py), on the thread that will serve predictions."""
         return speed.warm_up(self, img2img)
 
+    def need(self, requests: list[Request]) -> int:
+        """Working memory a batch of these (compatible) requests needs on the device (lib/engine/memory.py)."""
+        first = requests[0]
+        estimate = self.residency.plan.estimates.get(first.mode.name)
+        if estimate is None:  # an engine built without a plan
+            return 0
+        images = sum(r.num_outputs for r in requests)
+        checked = sum(r.num_outputs for r in requests if not r.disable_safety_checker) if self.safety else 0
+        runs = first.schedule[1]
+        cfg = first.mode.uses_cfg(first.guidance_scale)
+        return estimate.need(first.width, first.height, images, runs, cfg, checked=checked)
+
+    def fits(self, requests: list[Request]) -> bool:
+        """Whether a batch of these requests fits the memory budget beside its mode's weights alone."""
+        plan = self.residency.plan
+        if plan.usable is None:
+            return True
+        return plan.weights([requests[0].mode.name]) + self.need(requests) <= plan.usable
+
     def decoder(self, request: Request):
         """The mode's VAE, or with fast_decode its TAESD / TAESDXL (same latents, a much smaller decoder)."""
         return self._autoencoder(request, "fast_decode", request.fast_decode)
@@ -233,8 +257,12 @@ class Engine:
         return loaded.tiny_vae
 
 
-def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool) -> memory.Plan:
-    """The memory plan from the files' sizes, before anything is loaded (lib/engine/memory.py)."""
+def plan_memory(
+    loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool, graph_shapes: dict | None = None
+) -> memory.Plan:
+    """The memory plan from the files' sizes and the models' configs, before anything is loaded
+    (lib/engine/memory.py). `graph_shapes`: per mode whose UNet CUDA graphs will capture, the (batch entries, width,
+    height) it captures (what their pool holds while the mode is resident)."""
     check_present(weights_dir, mode_names)  # one message for every missing file, before any is read
     if safety_checker:
         check_safety_weights(weights_dir)
@@ -246,36 +274,51 @@ def plan_memory(loader: ComponentLoader, weights_dir: Path, mode_names, safety_c
         budget, source = torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
     else:  # the CPU, and MPS, whose unified memory is the host's: every mode stays where it is
         budget, source = None, "the CPU" if device.type == "cpu" else f"{device.type} (unified memory)"
-    sizes, mode_modules, working = {}, {}, {}
+    checker = safety_shape(weights_dir) if safety_checker else None
+    sizes, mode_modules, largest, estimates = {}, {}, {}, {}
     for name in mode_names:
         mode, parts = MODES[name], mode_parts(loader, weights_dir, MODES[name])
         for part in parts.values():
             sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
         mode_modules[name] = frozenset(p.key for p in parts.values())
-        working[name] = memory.working_bytes(
-            parts["unet"].config(),
-            parts["vae"].config(),
-            mode.size,
-            loader.dtype,
-            loader.dtype_of(parts["vae"]),
-            cfg=mode.uses_cfg(mode.guidance.default),
+        vae = parts["vae"]
+        estimate = memory.ModeMemory(
+            parts["unet"].config(), memory.decoder_width(vae.config()), loader.dtype, loader.dtype_of(vae), checker
         )
+        estimates[name] = estimate
+        biggest, images = SIZE_RANGE[1], NUM_OUTPUTS_RANGE[1]
+        cfg = mode.uses_cfg(max(mode.guidance.values + (mode.guidance.range or ())))
+        largest[name] = estimate.need(biggest, biggest, images, mode.steps.range[1], cfg)
+    pools = {name: memory.graph_pool_bytes(estimates[name], shapes) for name, shapes in (graph_shapes or {}).items()}
     always = frozenset()
     if safety_checker:
         sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)
         always = frozenset({"safety_checker"})
-    return memory.make_plan(mode_modules, sizes, always, working, budget, source)
+    plan = memory.make_plan(mode_modules, sizes, always, largest, budget, source, pools)
+    return replace(plan, estimates=estimates)
+
+
+def safety_shape(weights_dir: Path) -> tuple[int, int]:
+    """The safety checker's CLIP tower: (tokens, width), from its config (what its activations scale with)."""
+    import json
+
+    vision = json.loads((safety_file(weights_dir).parent / "config.json").read_text())["vision_config"]
+    tokens = (vision.get("image_size", 224) // vision.get("patch_size", 14)) ** 2 + 1
+    return tokens, vision.get("hidden_size", 1024)
 
 
 @dataclass
 class Chunk:
-    """Images [start, stop) of a batch, decoded in one call: host pixels, ready when `ready` has run."""
+    """Images [start, stop) of a batch, decoded in one call: host pixels, ready when `ready` has run; the last chunk
+    of a checked batch also brings the safety checker's verdicts on Batch.checked (host bools, ready with it)."""
 
     start: int
     stop: int
     pixels: torch.Tensor
-    began: object  # timeline marks
+    began: object  # timeline marks: the decode's start, its pixels copied, everything of this chunk done
+    decoded: object
     ready: object
+    verdicts: torch.Tensor | None = None
 
 
 @dataclass
@@ -286,7 +329,7 @@ class Batch:
     jobs: list[Job]
     timeline: Timeline = field(init=False)
     marks: dict = field(default_factory=dict)  # stage -> (start mark, end mark), read in end()
-    host_seconds: dict = field(default_factory=dict)  # stages timed on the host (moves, LoRA, safety checker)
+    host_seconds: dict = field(default_factory=dict)  # stages timed on the host (moves, LoRA)
     steps: list = field(default_factory=list)  # marks at the end of each denoising step (steps[0]: its start)
     logged_steps: int = 0
 
@@ -301,7 +344,9 @@ class Batch:
         # Batch image k: (job, index within the job, seed).
         self.images = [(job, i, seed) for job in self.jobs for i, seed in enumerate(job.request.seeds)]
         self.decode_seconds = [0.0] * len(self.images)
-        self.flags: dict[int, bool] = {}
+        self.flags: dict[int, bool] = {}  # the safety checker's verdicts on the checked images
+        self.checked: list[int] = []  # the images the checker judges (set by generate)
+        self.safety_marks: list = []  # (start, end) of each check on the device
         self.pictures: dict[int, Image.Image] = {}  # decoded, waiting for the safety checker
         self.saving: list = []  # (future, job, seed, settings): written in encoder threads, yielded in order
         self.encode_seconds: dict[int, float] = {}
@@ -309,17 +354,30 @@ class Batch:
     # -- stage 1: the device thread ------------------------------------------------------------------------------
     def generate(self) -> Iterator[Chunk]:
         self._log_requests()
-        seconds, _ = self.engine.residency.ensure(self.mode.name)
+        checker = self.engine.safety
+        if checker is not None:
+            jobs = [job for job, _, _ in self.images]
+            self.checked = [k for k, j in enumerate(jobs) if not (j.request.disable_safety_checker or j.cancelled)]
+        seconds, _ = self.engine.residency.ensure(self.mode.name, self.engine.need([j.request for j in self.jobs]))
         if seconds:
             self.host_seconds["mode_load"] = seconds
         latents = self._denoise_with_retry()
         decoder = self.engine.decoder(self.first)
         n = len(self.images)
-        size = self._chunk_size(decoder, n)
-        for start in range(0, n, size):
-            began = self.timeline.mark()
-            pixels = decoding.to_host(decoding.decode(decoder, latents[start : start + size]))
-            yield Chunk(start, min(n, start + size), pixels, began, self.timeline.mark())
+        to_check = []  # the checked images' pixels, on the device until the last chunk is decoded
+        for start, stop, began, pixels in self._decode(decoder, latents):
+            timeline = self.timeline
+            host = decoding.to_host(pixels)
+            decoded = timeline.mark()
+            mine = [k - start for k in self.checked if start <= k < stop]
+            if mine:
+                to_check.append(pixels if len(mine) == stop - start else pixels[mine])
+            verdicts = None
+            if stop == n and to_check:  # the checker right after the last decode, on the device, in one call
+                verdicts = decoding.to_host(checker.check(torch.cat(to_check)))  # one copy back per batch
+                self.safety_marks.append((decoded, timeline.mark()))
+                to_check.clear()
+            yield Chunk(start, stop, host, began, decoded, timeline.mark(), verdicts)
 
     def _log_requests(self) -> None:
         mode, jobs = self.mode, self.jobs
@@ -355,20 +413,58 @@ class Batch:
 
     def _denoise_with_retry(self) -> torch.Tensor:
         """_denoise, once more if the device ran out of memory and other modes can make room; the style LoRA
-        files are closed after both attempts (the retry applies the LoRA again)."""
+        files are closed after both attempts (the retry applies the LoRA again). The retry runs after the `except`
+        block: inside it the error's traceback still holds the failed attempt's frames, and their tensors."""
         try:
             try:
                 return self._denoise()
             except torch.cuda.OutOfMemoryError:
-                if not self.engine.residency.evict_all_but(self.mode.name):
+                if not self.engine.residency.can_evict(self.mode.name):
                     raise
-                torch.cuda.empty_cache()  # the other modes' weights are in host memory now: try once more
-                self.logged_steps = 0  # the retry's steps are logged as they run
-                return self._denoise()
+            self._make_room()
+            self.logged_steps = 0  # the retry's steps are logged as they run
+            return self._denoise()
         finally:
             for job in self.jobs:
                 if job.lora:
                     job.lora.close()
+
+    def _make_room(self) -> bool:
+        """After an out-of-memory error: every other mode out, the allocator's cache emptied. Whether a mode went."""
+        evicted = self.engine.residency.evict_all_but(self.mode.name)
+        gc.collect()  # the failed attempt's tensors, should anything in its frames form a cycle
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return bool(evicted)
+
+    def _decode(self, decoder, latents: torch.Tensor) -> Iterator[tuple[int, int, object, torch.Tensor]]:
+        """(start, stop, start mark, pixels) per chunk of images decoded in one call: as many per call as fit. Out of
+        memory, a chunk is decoded again (after the `except` block, the failed call's tensors gone) with every other
+        mode moved out, then in halves, then one image at a time in tiles (lib/engine/decoding.py)."""
+        n, size, tiled, start = len(latents), self._chunk_size(decoder, len(latents)), False, 0
+        while start < n:
+            stop = min(n, start + size)
+            began = self.timeline.mark()
+            try:
+                pixels = decoding.decode(decoder, latents[start:stop], tiled=tiled)
+            except torch.cuda.OutOfMemoryError:
+                if tiled:  # nothing smaller to try
+                    raise
+                pixels = None
+            if pixels is None:
+                if not self._make_room():
+                    if stop - start > 1:
+                        size = max(1, (stop - start) // 2)
+                    else:
+                        tiled = True
+                        log.warning(
+                            "out of device memory decoding a %dx%d image: decoding it in tiles",
+                            self.first.width,
+                            self.first.height,
+                        )
+                continue
+            yield start, stop, began, pixels
+            start = stop
 
     def _denoise(self) -> torch.Tensor:
         """img2img encoding, the style LoRA, text encoding and the denoising loop; returns the latents."""
@@ -417,15 +513,29 @@ class Batch:
             self._log_steps(wait=False)
             return callback_kwargs
 
-        return pipe(
-            num_inference_steps=self.scheduled,
-            guidance_scale=first.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.request.seeds],
-            output_type="latent",
-            callback_on_step_end=on_step_end,
-            **embeds,
-            **kwargs,
-        ).images
+        seeds = [s for j in jobs for s in j.request.seeds]
+        scheduler = pipe.scheduler
+        if isinstance(scheduler, schedulers.SyncFree):  # the noise drawn up front, copied once (schedulers.py)
+            latent = pipe.vae_scale_factor
+            shape = (pipe.unet.config.in_channels, first.height // latent, first.width // latent)
+            dtype = embeds["prompt_embeds"].dtype
+            initial, scheduler.noise = schedulers.draw(
+                seeds, shape, dtype, self.engine.device, self.runs, scheduler.DRAWS_PER_STEP
+            )
+            if not first.img2img:  # img2img draws its initial noise itself (the same values: fresh generators)
+                kwargs["latents"] = initial
+        try:
+            return pipe(
+                num_inference_steps=self.scheduled,
+                guidance_scale=first.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                **embeds,
+                **kwargs,
+            ).images
+        finally:
+            scheduler.noise = None
 
     def _log_steps(self, wait: bool) -> None:
         """Log the steps that have run (all of them with `wait`): the logs follow the device, without stalling it."""
@@ -439,33 +549,29 @@ class Batch:
             self.logged_steps = k
 
     def _chunk_size(self, decoder, n: int) -> int:
-        """Images per VAE call: on CUDA as many as fit in the free memory. On a CPU, where a decode is already
+        """Images per VAE call: on CUDA as many as fit in the room left. On a CPU, where a decode is already
         parallel per image and batching gains nothing, one at a time, so that each image streams as soon as it
         is decoded."""
-        device = self.engine.device
-        if device.type != "cuda":
+        room = memory.device_room(self.engine.device)  # within DEVICE_MEMORY_BUDGET where it is set
+        if room is None:
             return 1
-        free = (
-            torch.cuda.mem_get_info(device)[0]
-            + torch.cuda.memory_reserved(device)
-            - torch.cuda.memory_allocated(device)
-        )
-        return max(1, min(n, int(free * 0.8) // decoding.decode_bytes(decoder, self.first.width, self.first.height)))
+        return max(1, min(n, int(room * 0.8) // decoding.decode_bytes(decoder, self.first.width, self.first.height)))
 
     # -- stage 2: host work, on any thread -------------------------------------------------------------------------
     def finish(self, chunk: Chunk) -> Iterator[tuple[Job, Output]]:
         """A decoded chunk's images: written (encoder threads) and yielded in order as they are written. Where the
-        safety checker runs, the batch's images wait until all are decoded: it checks them in one call."""
+        safety checker runs, the batch's images wait for its verdicts, which come with the last chunk."""
         self._log_steps(wait=True)
-        seconds = self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels are on the host
+        self.timeline.seconds(chunk.began, chunk.ready)  # waits until the pixels (and verdicts) are on the host
+        seconds = self.timeline.seconds(chunk.began, chunk.decoded)
         for k in range(chunk.start, chunk.stop):
             self.decode_seconds[k] = seconds / (chunk.stop - chunk.start)
         self.pictures.update(zip(range(chunk.start, chunk.stop), decoding.to_images(chunk.pixels), strict=True))
-        if self._checked() and chunk.stop < len(self.images):
+        if self.checked and chunk.stop < len(self.images):
             return
         pictures, self.pictures = self.pictures, {}
-        if self._checked():
-            self._check_safety(pictures)
+        if chunk.verdicts is not None:
+            self.flags.update(zip(self.checked, chunk.verdicts.tolist(), strict=True))
         mode, runs = self.mode, self.runs
         for k, picture in pictures.items():
             job, i, seed = self.images[k]
@@ -493,25 +599,6 @@ class Batch:
             self.saving.append((future, job, seed, settings))
         while self.saving and self.saving[0][0].done():
             yield from self._saved()
-
-    def _checked(self) -> bool:
-        return self.engine.safety is not None and any(not j.request.disable_safety_checker for j in self.jobs)
-
-    def _check_safety(self, pictures: dict[int, Image.Image]) -> None:
-        """The safety checker on the images whose request keeps it on, in one batched call."""
-        checker = self.engine.safety
-        wanted = [
-            k
-            for k in pictures
-            if not self.images[k][0].request.disable_safety_checker and not self.images[k][0].cancelled
-        ]
-        if not wanted:
-            return
-        started = time.perf_counter()
-        self.flags.update(zip(wanted, checker.flagged([pictures[k] for k in wanted]), strict=True))
-        self.host_seconds["safety_checker"] = (
-            self.host_seconds.get("safety_checker", 0.0) + time.perf_counter() - started
-        )
 
     def _saved(self) -> Iterator[tuple[Job, Output]]:
         """The oldest image being written, once written; nothing for a canceled job's image that could not be written
@@ -569,6 +656,8 @@ class Batch:
         for stage in ("vae_encode", "text_encoding"):
             if stage in self.marks:
                 out[stage] = t.seconds(*self.marks[stage])
+        if self.safety_marks:
+            out["safety_checker"] = sum(t.seconds(*marks) for marks in self.safety_marks)
         steps = [t.seconds(a, b) for a, b in zip(self.steps, self.steps[1:], strict=False)]
         out["denoising"], out["steps"] = sum(steps), steps
         return out

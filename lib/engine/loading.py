@@ -24,6 +24,7 @@ from safetensors import safe_open
 from lib.engine import devices
 from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
 from lib.engine.precision import needs_upcast
+from lib.engine.schedulers import sync_free
 
 log = logging.getLogger(__name__)
 # Per-file progress bars flood the prediction logs; setup logs one line per mode instead.
@@ -265,6 +266,7 @@ def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool) -
         "requires_safety_checker": False,
         "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
     }
+    components = dict(components, scheduler=sync_free(components["scheduler"]))  # lib/engine/schedulers.py
     txt2img = txt2img_cls(**components, **{k: v for k, v in extras.items() if k in accepted})
     txt2img.set_progress_bar_config(disable=True)
     img2img = getattr(diffusers, img2img_name).from_pipe(txt2img)  # same modules, no second copy

@@ -3,8 +3,9 @@
 One checker for every mode: `StableDiffusionSafetyChecker` (a CLIP ViT-L/14 image tower and 17 + 3 concept
 embeddings with thresholds) and its `CLIPImageProcessor`, from the SD 1.5 repo's `safety_checker/`
 (model.fp16.safetensors) and `feature_extractor/` folders (`SAFETY_CHECKER` in lib/engine/modes.py, fetched with the
-weights). It runs once per batch on all of the batch's images whose request did not set
-`disable_safety_checker`; the engine drops flagged images (lib/engine/engine.py).
+weights). It runs on the device thread right after each decode, on the decoded pixels of the batch's images whose
+request did not set `disable_safety_checker`, and its verdicts come back to the host in one copy per batch; the
+engine drops flagged images (lib/engine/engine.py).
 
 SAFETY_CHECKER=0 leaves it out entirely (not fetched, not loaded; `disable_safety_checker` then changes nothing).
 """
@@ -12,12 +13,11 @@ SAFETY_CHECKER=0 leaves it out entirely (not fetched, not loaded; `disable_safet
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lib.engine.loading import WeightsMissingError, repo_dir
@@ -57,16 +57,31 @@ class AllImagesFlagged(RuntimeError):
 
 
 class SafetyChecker:
-    """flagged(images) -> one bool per image, computed in one batched forward (chunks of `max_batch`)."""
+    """check(pixels) -> one verdict per image, on the device, from the decoded uint8 pixels (chunks of `max_batch`).
+
+    The real checker's preprocessing and decision, on the device and vectorised:
+    - CLIPImageProcessor's steps from its config: the shortest side resized to 224 (antialiased bicubic, PIL's
+      kernel, in PIL's two passes, each rounded to 8 bits), the centre 224 x 224 crop, rescaled and normalised with
+      its mean and std. PIL's fixed-point filter rounds differently on under 1% of the pixels, by a level or two;
+    - the CLIP image tower, the projection, the cosine similarities to the 17 concepts and 3 special-care concepts;
+    - StableDiffusionSafetyChecker.forward's rule: an image with any special-care score above 0 gets 0.01 added to
+      its concept scores, and any concept score above 0 flags it, each score rounded to 3 decimals first (as its
+      per-image loop does with `round(score, 3)`: above 0 when score x 1000 is above 0.5).
+    Nothing waits for the device: the caller copies the verdicts to the host once per batch."""
 
     def __init__(self, model, processor, device: torch.device, dtype: torch.dtype, max_batch: int = 32):
         self.model, self.processor = model, processor
         self.device, self.dtype, self.max_batch = torch.device(device), dtype, max_batch
-        # The CLIP preprocessing (PIL resize to 224 px, crop, normalise) runs on the CPU and, for a batch of large
-        # images, costs more than the checker's forward on a GPU: it is split over a few threads (PIL releases
-        # the GIL). Same pixels as one call: each image is processed on its own either way.
-        self._threads = max(1, min(4, (os.cpu_count() or 1) // 2))
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="safety") if self._threads > 1 else None
+        p = processor
+        if p.do_resize and int(p.resample) not in RESAMPLING:
+            raise ValueError(f"safety checker: the feature extractor's resample {p.resample} is not supported")
+        self.resize = p.size["shortest_edge"] if p.do_resize else None
+        self.crop = (p.crop_size["height"], p.crop_size["width"]) if p.do_center_crop else None
+        self.scale = p.rescale_factor if p.do_rescale else None
+        channel = (1, 3, 1, 1)
+        self.mean = torch.tensor(p.image_mean, device=self.device).view(channel) if p.do_normalize else None
+        self.std = torch.tensor(p.image_std, device=self.device).view(channel) if p.do_normalize else None
+        self.mode = RESAMPLING.get(int(p.resample), "bicubic")
 
     @classmethod
     def load(cls, weights_dir: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
@@ -85,25 +100,72 @@ class SafetyChecker:
         return cls(model, processor, device, dtype)
 
     @torch.inference_mode()
+    def check(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Decoded images as uint8 (N, H, W, 3) on the device -> whether each is flagged, bool (N,) on the device."""
+        verdicts = [
+            self.verdicts(self.preprocess(pixels[start : start + self.max_batch]))
+            for start in range(0, len(pixels), self.max_batch)
+        ]
+        return torch.cat(verdicts) if verdicts else torch.zeros(0, dtype=torch.bool, device=pixels.device)
+
     def flagged(self, images: list[Image.Image]) -> list[bool]:
-        """Whether each image shows a concept the checker flags (the real checker's forward decides)."""
-        result: list[bool] = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch]
-            pixels = self._pixels(chunk)
-            # `images` is only blacked out in place by the checker; a placeholder of one value per image will do.
-            _, nsfw = self.model(clip_input=pixels.to(self.device, self.dtype), images=torch.zeros(len(chunk), 1))
-            result += [bool(x) for x in nsfw]
-        return result
+        """check() for PIL images (the warm-up, tools): each image's verdict, on the host."""
+        import numpy as np
 
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        def run(part):
-            return self.processor(images=part, return_tensors="pt").pixel_values
+        verdicts = [self.check(torch.from_numpy(np.asarray(im.convert("RGB"))).to(self.device)[None]) for im in images]
+        return [bool(v) for v in torch.cat(verdicts).cpu()] if verdicts else []
 
-        if self._pool is None or len(images) < 4:
-            return run(images)
-        step = -(-len(images) // self._threads)
-        return torch.cat(list(self._pool.map(run, [images[i : i + step] for i in range(0, len(images), step)])))
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> CLIP's input (N, 3, 224, 224) in the checker's dtype, as CLIPImageProcessor has it."""
+        x = pixels.to(self.device).permute(0, 3, 1, 2).float()
+        if self.resize is not None:
+            height, width = x.shape[-2:]
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(self.resize * long / short)  # transformers' get_resize_output_image_size
+            size = (new_long, self.resize) if width <= height else (self.resize, new_long)
+            # PIL resizes 8-bit images in two passes, the width first, each rounded and clipped to 8 bits.
+            for step in ((height, size[1]), size):
+                if step != tuple(x.shape[-2:]):
+                    x = F.interpolate(x, size=step, mode=self.mode, antialias=True, align_corners=False)
+                    x = x.round().clamp(0, 255)
+        if self.crop is not None:
+            x = center_crop(x, *self.crop)
+        if self.scale is not None:
+            x = x * self.scale
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x.to(self.dtype)
+
+    def verdicts(self, clip_input: torch.Tensor) -> torch.Tensor:
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        model = self.model
+        image_embeds = model.visual_projection(model.vision_model(clip_input)[1])
+        special = cosine_distance(image_embeds, model.special_care_embeds).float()
+        concepts = cosine_distance(image_embeds, model.concept_embeds).float()
+        special_care = above_zero(special - model.special_care_embeds_weights.float()).any(dim=1)
+        adjustment = special_care.float()[:, None] * 0.01
+        return above_zero(concepts - model.concept_embeds_weights.float() + adjustment).any(dim=1)
+
+
+RESAMPLING = {2: "bilinear", 3: "bicubic"}  # PIL's resample codes that torch's antialiased interpolation matches
+
+
+def above_zero(scores: torch.Tensor) -> torch.Tensor:
+    """round(score, 3) > 0, as the checker's loop decides (NumPy rounds half to even: 0.0005 rounds to 0)."""
+    return scores * 1000 > 0.5
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """transformers' center_crop: the middle (top and left rounded down), zero-padded where the image is smaller."""
+    h, w = x.shape[-2:]
+    if h < height or w < width:
+        pad_h, pad_w = max(0, height - h), max(0, width - w)
+        top, left = -(-pad_h // 2), -(-pad_w // 2)  # ceil, as transformers pads
+        x = F.pad(x, (left, pad_w - left, top, pad_h - top))
+        h, w = x.shape[-2:]
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[..., top : top + height, left : left + width]
 
 
 def load_from_env(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker | None:

@@ -133,8 +133,9 @@ class Session:
     async def _frame(self, work: Work) -> None:
         try:
             request = protocol.build_request(work.params, self.enabled, self.format, self.quality)
-            if request.img2img:  # decoding a picture takes a few ms: off the event loop
-                job = await asyncio.to_thread(self._job, request, work.picture)
+            if request.img2img:  # decoding a picture takes a few ms: off the event loop (other frames may wait for it)
+                with self.batcher.incoming(request):
+                    job = await asyncio.to_thread(self._job, request, work.picture)
             else:
                 job = self._job(request, None)
             outputs = await self.batcher.results(job)
