@@ -288,9 +288,12 @@ class Settings:
     speed_compile_mode = Var("SPEED_COMPILE_MODE", "speed", choice("default", "max-autotune-no-cudagraphs"),
         "default", "the inductor mode (CUDA graphs are SPEED_CUDA_GRAPHS': they cover the uncompiled parts too)")
     speed_compile_backend = Var("SPEED_COMPILE_BACKEND", "speed", text(), "inductor", "the torch.compile backend")
-    speed_compile_cache = Var("SPEED_COMPILE_CACHE", "speed", path(), lambda s: s.weights_dir / ".torch-compile",
-        "inductor's and Triton's caches (TORCHINDUCTOR_CACHE_DIR, unless set): a setup after the first reuses them",
-        shown="`WEIGHTS_DIR/.torch-compile`")
+    speed_compile_cache = Var("SPEED_COMPILE_CACHE", "speed", path(),
+        lambda s: s.torchinductor_cache_dir or s.weights_dir / ".torch-compile",
+        "inductor's and Triton's caches, beside the weights: a setup after the first reuses them",
+        shown="TORCHINDUCTOR_CACHE_DIR if set, else `WEIGHTS_DIR/.torch-compile`")
+    torchinductor_cache_dir = Var("TORCHINDUCTOR_CACHE_DIR", "speed", path(), None,
+        "torch's own cache folder variable; setup sets it to SPEED_COMPILE_CACHE when compiling")
     speed_warmup = Var("SPEED_WARMUP", "speed", switch(), None,
         "setup runs each mode at its default size and records its buckets, on the serving thread", shown="on for CUDA")
     speed_warmup_seconds = Var("SPEED_WARMUP_SECONDS", "speed", number(0), 300.0,

@@ -190,12 +190,12 @@ def test_a_style_lora_runs_on_the_model_as_loaded(tiny_weights, tmp_path):
 def test_the_compile_cache_lives_beside_the_weights_and_a_second_compile_reuses_it(tmp_path, monkeypatch):
     """SPEED_COMPILE_CACHE (default WEIGHTS_DIR/.torch-compile) becomes inductor's cache folder; a compile after a
     reset (a new process, for the cache) finds its code there. An operator's own TORCHINDUCTOR_CACHE_DIR wins."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset-below")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    switches = speed.Switches.from_env(CPU, {"SPEED_COMPILE": "unet", "WEIGHTS_DIR": str(tmp_path / "weights")})
-    assert switches.compile_cache == tmp_path / "weights" / ".torch-compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")
+    weights = tmp_path / "weights"
+    switches = speed.Switches.from_env(CPU, {"SPEED_COMPILE": "unet", "WEIGHTS_DIR": str(weights)})
+    assert switches.compile_cache == weights / ".torch-compile"
     speed.configure_compile(switches)
-    assert (tmp_path / "weights" / ".torch-compile").is_dir()
+    assert (weights / ".torch-compile").is_dir()
 
     def twice(x):
         return torch.nn.functional.silu(x) * 2
@@ -206,7 +206,6 @@ def test_the_compile_cache_lives_beside_the_weights_and_a_second_compile_reuses_
         torch.compile(twice)(torch.randn(4, 8))
     assert counters["inductor"]["fxgraph_cache_miss"] == misses + 1
     assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1
-    assert any((tmp_path / "weights" / ".torch-compile" / "fxgraph").iterdir())
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    speed.configure_compile(switches)
-    assert speed.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert any((weights / ".torch-compile" / "fxgraph").iterdir())
+    mine = {"SPEED_COMPILE": "unet", "WEIGHTS_DIR": str(weights), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")}
+    assert speed.Switches.from_env(CPU, mine).compile_cache == tmp_path / "mine"

@@ -281,7 +281,7 @@ def statics(loaded) -> list[graphs.Static]:
 
 def configure_compile(switches: Switches) -> None:
     """Process-wide compile settings: the persisted cache, dynamo's limits, inductor's flags."""
-    if switches.compile_cache is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    if switches.compile_cache is not None:
         Path(switches.compile_cache).mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(switches.compile_cache)  # Triton's cache goes inside it
     dynamo = torch._dynamo.config
@@ -438,7 +438,7 @@ def warm_up(engine, img2img: bool = False) -> dict:
             "fx_graph_cache": {
                 k: after["fx_graph_cache"][k] - compiled_before["fx_graph_cache"][k] for k in ("hit", "miss")
             },
-            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+            "cache_dir": str(switches.compile_cache),
         }
     for what, why in left_out.items():
         log.info("warm-up: %s: %s", what, why)

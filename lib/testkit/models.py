@@ -242,13 +242,20 @@ def host_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     if not state or next(iter(state.values())).device.type == "cpu":
         return {k: v.contiguous() for k, v in state.items()}
-    flat = torch.cat([v.reshape(-1).view(torch.uint8) for v in state.values()]).cpu()
-    host, offset = {}, 0
-    for k, v in state.items():
-        size = v.numel() * v.element_size()
-        host[k] = flat[offset : offset + size].view(v.dtype).view(v.shape)
-        offset += size
-    return host
+    return packed_to_host(state)
+
+
+def packed_to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors (of one device) in host memory through one copy per dtype, packed end to end."""
+    host = {}
+    for dtype in dict.fromkeys(v.dtype for v in tensors.values()):
+        group = {k: v for k, v in tensors.items() if v.dtype == dtype}
+        flat = torch.cat([v.reshape(-1) for v in group.values()]).cpu()
+        offset = 0
+        for k, v in group.items():
+            host[k] = flat[offset : offset + v.numel()].view(v.shape)
+            offset += v.numel()
+    return {k: host[k] for k in tensors}
 
 
 class _Writes(list):
@@ -419,9 +426,9 @@ def write_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
     return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir, scale)
 
 
-def write_weights(out_dir: Path, scale: Scale = TINY, repos=None) -> list[Path]:
+def write_weights(out_dir: Path, scale: Scale = TINY, repos=None, background: bool | None = None) -> list[Path]:
     """Every mode's repos (or `repos`) under out_dir/<repo_id>/; returns the files written, relative to out_dir.
-    Full-size weight files are written in background threads while the next model is built."""
+    With `background` (default: full size), weight files are written in threads while the next model is built."""
     global _writes
     from concurrent.futures import ThreadPoolExecutor
 
@@ -429,7 +436,7 @@ def write_weights(out_dir: Path, scale: Scale = TINY, repos=None) -> list[Path]:
     written = []
     repos = all_repos(MODES, safety_checker=True) if repos is None else repos
     with ThreadPoolExecutor(2, thread_name_prefix="weights") as pool:
-        _writes = _Writes(pool) if scale.full else None
+        _writes = _Writes(pool) if (scale.full if background is None else background) else None
         try:
             for repo in repos:
                 written += write_repo(repo, out_dir / repo.repo_id, scale)
