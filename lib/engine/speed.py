@@ -503,6 +503,8 @@ def optimize(engine, switches: Switches | None = None, dtypes: Precision | None 
     report["warmup_s"] = {}
     engine.speed = report
     engine.switches = switches
+    if report["static"] and not switches.warmup:
+        log.warning("SPEED_WARMUP is off: no shape is recorded or compiled at setup, so every call runs as loaded")
     log.info(
         "fast path on %s: %s; attention: %s; applied in %.1f s",
         engine.device,
