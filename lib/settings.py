@@ -95,6 +95,38 @@ def number(lo: float = 0.0, above: bool = False) -> Kind:
     return Kind(f"number {'above' if above else 'at least'} {lo:g}", parse)
 
 
+def batches() -> Kind:
+    def parse(name: str, text: str) -> tuple[int, ...]:
+        try:
+            values = sorted({int(v) for v in text.split(",") if v.strip()})
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} is not a list of whole numbers; allowed: e.g. 1,2,4,8,16") from None
+        if not values or values[0] < 1:
+            raise ValueError(f"{name}: {text!r}: batch sizes must be at least 1; allowed: e.g. 1,2,4,8,16")
+        return tuple(values)
+
+    return Kind("comma-separated whole numbers, at least 1", parse)
+
+
+def sizes() -> Kind:
+    def parse(name: str, text: str) -> tuple[tuple[int, int], ...]:
+        from lib.engine.inputs import SIZE_RANGE
+
+        lo, hi = SIZE_RANGE
+        found = []
+        for item in (v.strip() for v in text.split(",") if v.strip()):
+            m = re.fullmatch(r"(\d+)\s*[xX]\s*(\d+)", item)
+            if not m or any(int(v) % 8 or not lo <= int(v) <= hi for v in m.groups()):
+                raise ValueError(
+                    f"{name}: {item!r} is not a size; allowed: WIDTHxHEIGHT, each {lo} to {hi} and a multiple of 8 "
+                    "(e.g. 768x512)"
+                )
+            found.append((int(m[1]), int(m[2])))
+        return tuple(dict.fromkeys(found))
+
+    return Kind("comma-separated WIDTHxHEIGHT", parse)
+
+
 def size() -> Kind:
     return Kind("bytes, or with a unit: 500MB, 20GB, 20GiB", parse_bytes)
 
@@ -186,6 +218,7 @@ def _default_modes() -> tuple[str, ...]:
 
 COMPILE_TARGETS = ("unet", "vae", "text")
 COMPILE_SWITCH = {**{w: () for w in FALSE}, **{w: ("unet", "vae") for w in TRUE}}  # SPEED_COMPILE=1 / 0
+GRAPH_SWITCH = {**{w: () for w in FALSE}, **{w: COMPILE_TARGETS for w in TRUE}}  # SPEED_CUDA_GRAPHS=1 / 0
 GROUPS = {
     "engine": "Modes and the device",
     "weights": "Weights",
@@ -251,22 +284,41 @@ class Settings:
         shown="on for CUDA")
     speed_cudnn_benchmark = Var("SPEED_CUDNN_BENCHMARK", "speed", switch(), False,
         "cuDNN autotuning per new shape (off: prediction sizes are free-form)")
-    speed_channels_last = Var("SPEED_CHANNELS_LAST", "speed", switch(), None, "UNet and VAE weights in channels_last",
+    speed_channels_last = Var("SPEED_CHANNELS_LAST", "speed", switch(), None, "UNet weights in channels_last",
         shown="on for CUDA")
     speed_fuse_qkv = Var("SPEED_FUSE_QKV", "speed", switch(), None, "fused QKV / KV attention projections",
         shown="on for CUDA")
     speed_vae_dtype = Var("SPEED_VAE_DTYPE", "speed", choice("auto", "keep", "float32", "bfloat16", "float16"), None,
         "`auto`: only the SDXL VAE upcast, to bfloat16 where native; `keep`: as diffusers loads",
         shown="`auto` (`keep` with SPEED=0)")
+    speed_cuda_graphs = Var("SPEED_CUDA_GRAPHS", "speed", names(lambda: COMPILE_TARGETS, "a target", GRAPH_SWITCH),
+        None, "CUDA graphs per batch-size bucket, recorded at setup for the modes the memory plan keeps on the device: "
+        "`1` = unet,vae,text, or a list", shown="on for CUDA (`unet,vae,text`)")
+    speed_graph_batches = Var("SPEED_GRAPH_BATCHES", "speed", batches(), (1, 2, 4, 8, 16),
+        "the batch-size buckets graphed and compiled at setup; a batch runs at the next bucket up (padded)",
+        shown="`1,2,4,8,16`")
+    speed_graph_memory = Var("SPEED_GRAPH_MEMORY", "speed", size(), 2 * 10**9,
+        "a bucket whose activations take more device memory runs without a CUDA graph (the graphs share one pool)",
+        shown="2GB")
     speed_compile = Var("SPEED_COMPILE", "speed", names(lambda: COMPILE_TARGETS, "a target", COMPILE_SWITCH), (),
-        "torch.compile: `1` = unet,vae, or a list of unet, vae, text", shown="off")
-    speed_compile_mode = Var("SPEED_COMPILE_MODE", "speed", text(), None, "the torch.compile mode",
-        shown="`max-autotune-no-cudagraphs` (`max-autotune` with CUDA graphs)")
+        "torch.compile at setup, for the modes the memory plan keeps on the device: `1` = unet,vae, or a list of "
+        "unet, vae, text", shown="off")
+    speed_compile_mode = Var("SPEED_COMPILE_MODE", "speed", choice("default", "max-autotune-no-cudagraphs"),
+        "default", "the inductor mode (CUDA graphs are SPEED_CUDA_GRAPHS': they cover the uncompiled parts too)")
     speed_compile_backend = Var("SPEED_COMPILE_BACKEND", "speed", text(), "inductor", "the torch.compile backend")
-    speed_cuda_graphs = Var("SPEED_CUDA_GRAPHS", "speed", switch(), False,
-        "CUDA graphs through torch.compile, for the modes the memory plan keeps resident")
+    speed_compile_cache = Var("SPEED_COMPILE_CACHE", "speed", path(),
+        lambda s: s.torchinductor_cache_dir or s.weights_dir / ".torch-compile",
+        "inductor's and Triton's caches, beside the weights: a setup after the first reuses them",
+        shown="TORCHINDUCTOR_CACHE_DIR if set, else `WEIGHTS_DIR/.torch-compile`")
+    torchinductor_cache_dir = Var("TORCHINDUCTOR_CACHE_DIR", "speed", path(), None,
+        "torch's own cache folder variable; setup sets it to SPEED_COMPILE_CACHE when compiling")
     speed_warmup = Var("SPEED_WARMUP", "speed", switch(), None,
-        "setup runs each mode once at its default size, on the serving thread", shown="on for CUDA")
+        "setup runs each mode at its default size and records its buckets, on the serving thread", shown="on for CUDA")
+    speed_warmup_seconds = Var("SPEED_WARMUP_SECONDS", "speed", number(0), 300.0,
+        "the warm-up's time budget: past it, the remaining buckets and modes run without graphs or compiled code "
+        "(download + load + this within Replicate's 600 s boot)")
+    speed_warmup_sizes = Var("SPEED_WARMUP_SIZES", "speed", sizes(), (),
+        "more image sizes to warm every mode at, besides its default: `768x512,512x768`", shown="none")
     speed_encode_threads = Var("SPEED_ENCODE_THREADS", "speed", integer(0), lambda s: min(16, os.cpu_count() or 1),
         "threads that encode image files, a batch's images at once (0: inline)", shown="min(16, CPU cores)")
     speed_webp_method = Var("SPEED_WEBP_METHOD", "speed", integer(0, 6), 0, "libwebp effort (0 is 4x faster than 4)")

@@ -123,7 +123,7 @@ CUDA_ASKS = {
     "SPEED_TF32": "1",
     "SPEED_CUDNN_BENCHMARK": "1",
     "SPEED_CUDA_GRAPHS": "1",
-    "SPEED_COMPILE_MODE": "max-autotune",
+    "SPEED_COMPILE_MODE": "max-autotune-no-cudagraphs",
 }
 
 
@@ -132,17 +132,19 @@ def test_on_mps_what_only_cuda_has_is_off_with_one_line_in_the_log(caplog):
         asked = speed.Switches.from_env(MPS, CUDA_ASKS)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("fast path on mps: CUDA graphs, TF32, cuDNN autotuning")
-    assert "asked for and turned off: SPEED_TF32=1, SPEED_CUDNN_BENCHMARK=1, SPEED_CUDA_GRAPHS=1" in lines[0]
-    assert "SPEED_COMPILE_MODE=max-autotune" in lines[0]
-    assert (asked.tf32, asked.cudnn_benchmark, asked.cuda_graphs) == (False, False, False)
-    assert asked.compile == () and asked.compile_mode == "default"  # CUDA graphs' implied compile is gone too
+    assert (
+        "asked for and turned off: SPEED_TF32=1, SPEED_CUDNN_BENCHMARK=1, SPEED_CUDA_GRAPHS=unet,vae,text" in lines[0]
+    )
+    assert "SPEED_COMPILE_MODE=max-autotune-no-cudagraphs" in lines[0]
+    assert (asked.tf32, asked.cudnn_benchmark, asked.cuda_graphs) == (False, False, ())
+    assert asked.compile == () and asked.compile_mode == "default"
     assert asked.sdpa  # SDPA, never sliced attention (NaN in SDXL on MPS)
     assert speed.Switches.from_env(MPS, {}) == speed.Switches.from_env(CPU, {})  # the defaults: the CPU's
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lib.engine.speed"):  # CUDA keeps what it is asked for, silently
         on_cuda = speed.Switches.from_env(CUDA, CUDA_ASKS)
-    assert (on_cuda.tf32, on_cuda.cudnn_benchmark, on_cuda.cuda_graphs) == (True, True, True)
-    assert on_cuda.compile == ("unet",) and on_cuda.compile_mode == "max-autotune" and not caplog.records
+    assert (on_cuda.tf32, on_cuda.cudnn_benchmark, on_cuda.cuda_graphs) == (True, True, speed.COMPILE_TARGETS)
+    assert on_cuda.compile_mode == "max-autotune-no-cudagraphs" and not caplog.records
     assert speed.Switches.from_env(CUDA, {}).tf32 and speed.Switches.from_env(CUDA, {}).channels_last
 
 

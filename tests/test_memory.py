@@ -458,3 +458,18 @@ def test_the_budget_caps_the_cuda_allocator_and_the_decode_room(monkeypatch):
     memory.cap_allocator(cuda, None)
     assert calls == [24 / 80, 1.0] and memory.device_room(cuda) == 72 * gib  # free + reserved but unused
     assert memory.device_room(CPU) is None
+
+
+def test_the_cuda_graphs_pool_gets_what_the_budget_leaves_beside_the_largest_request():
+    """The graphs' shared pool is counted with the weights; within a budget it never crowds out a mode's largest
+    request: it shrinks to what is left (and the engine records no graph larger than that)."""
+    gb = 10**9
+    modes = {"small": frozenset({"a"}), "large": frozenset({"b"})}
+    sizes, working = {"a": 1 * gb, "b": 3 * gb}, {"small": 2 * gb, "large": 18 * gb}
+    roomy = memory.make_plan(modes, sizes, frozenset(), working, 40 * gb, "test", graph_pool=2 * gb)
+    assert roomy.graph_pool == 2 * gb and roomy.weights(["small"]) == 3 * gb  # counted once, with the weights
+    tight = memory.make_plan(modes, sizes, frozenset(), working, 24 * gb, "test", graph_pool=4 * gb)
+    usable = int(24 * gb * (1 - memory.MARGIN))
+    assert tight.graph_pool == usable - (3 * gb + 18 * gb)  # what the largest request leaves
+    assert max(tight.needs.values()) <= usable  # every mode still serves its largest request
+    assert memory.make_plan(modes, sizes, frozenset(), working, None, "test", graph_pool=4 * gb).graph_pool == 4 * gb

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.engine import images, speed
+from lib.engine import graphs, images, speed
 from lib.engine.engine import Engine, InputError
 from lib.engine.loading import load_modes
 from lib.engine.modes import MODES as MODES_TABLE
@@ -86,7 +86,7 @@ def test_switch_gives_the_plain_path_images(tiny_weights, plain, tmp_path, name)
     if "SPEED_COMPILE" in env:
         assert report["compiled"] == ["unet", "vae"]
         unet = engine.modes["sd-turbo"].txt2img.unet
-        assert unet._compiled_call_impl is not None and engine.modes["sd-turbo"].img2img.unet is unet
+        assert graphs.installed(unet).compiled and engine.modes["sd-turbo"].img2img.unet is unet
 
 
 def test_fast_decode_uses_the_tiny_autoencoder(tiny_weights, plain, tmp_path):
@@ -150,35 +150,49 @@ def test_fused_projections_hold_each_weight_once(tiny_weights):
 
 def test_settings_defaults_and_errors():
     cpu = speed.Switches.from_env(CPU, {})
-    assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile) == (
+    assert (cpu.sdpa, cpu.channels_last, cpu.fuse_qkv, cpu.tf32, cpu.warmup, cpu.compile, cpu.cuda_graphs) == (
         True,
         False,
         False,
         False,
         False,
         (),
+        (),
     )
     cuda = speed.Switches.from_env(torch.device("cuda"), {})
     assert (cuda.channels_last, cuda.fuse_qkv, cuda.tf32, cuda.warmup) == (True,) * 4
     # Prediction sizes are free-form: cuDNN autotuning per new size would cost more than it saves.
     assert not cuda.cudnn_benchmark and speed.Switches.from_env(CPU, {"SPEED_CUDNN_BENCHMARK": "1"}).cudnn_benchmark
-    assert cuda.vae_dtype == "auto" and cuda.compile == () and not cuda.cuda_graphs
+    # CUDA graphs for every model, per bucket; compiling is asked for (minutes per mode on a cold boot).
+    assert cuda.cuda_graphs == ("unet", "vae", "text") and cuda.graph_batches == (1, 2, 4, 8, 16)
+    assert cuda.vae_dtype == "auto" and cuda.compile == () and cuda.compile_mode == "default"
+    assert cuda.warmup_seconds == 300 and cuda.graph_memory == 2 * 10**9 and cuda.warmup_sizes == ()
     plain = speed.Switches.from_env(torch.device("cuda"), {"SPEED": "0"})
-    assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype) == (
+    assert (plain.channels_last, plain.fuse_qkv, plain.tf32, plain.warmup, plain.vae_dtype, plain.cuda_graphs) == (
         False,
         False,
         False,
         False,
         "keep",
+        (),
     )
     assert plain.sdpa  # diffusers' own default stays
     assert speed.Switches.from_env(CPU, {"SPEED_COMPILE": "1"}).compile == ("unet", "vae")
-    graphs = speed.Switches.from_env(torch.device("cuda"), {"SPEED_CUDA_GRAPHS": "1"})
-    assert graphs.compile == ("unet",) and graphs.compile_mode == "max-autotune"
+    assert speed.Switches.from_env(CPU, {"SPEED_CUDA_GRAPHS": "unet,text"}).cuda_graphs == ("unet", "text")
+    assert speed.Switches.from_env(torch.device("cuda"), {"SPEED_CUDA_GRAPHS": "0"}).cuda_graphs == ()
+    sized = speed.Switches.from_env(CPU, {"SPEED_WARMUP_SIZES": "768x512, 512X768", "SPEED_GRAPH_BATCHES": "4,1,2"})
+    assert sized.warmup_sizes == ((768, 512), (512, 768)) and sized.graph_batches == (1, 2, 4)
     for env, name in (
         ({"SPEED_FUSE_QKV": "maybe"}, "SPEED_FUSE_QKV"),
         ({"SPEED_VAE_DTYPE": "int8"}, "SPEED_VAE_DTYPE"),
         ({"SPEED_COMPILE": "unet,everything"}, "SPEED_COMPILE"),
+        ({"SPEED_CUDA_GRAPHS": "unet,safety"}, "SPEED_CUDA_GRAPHS"),
+        ({"SPEED_COMPILE_MODE": "reduce-overhead"}, "SPEED_COMPILE_MODE"),
+        ({"SPEED_GRAPH_BATCHES": "0,4"}, "SPEED_GRAPH_BATCHES"),
+        ({"SPEED_GRAPH_BATCHES": "two"}, "SPEED_GRAPH_BATCHES"),
+        ({"SPEED_WARMUP_SIZES": "500x512"}, "SPEED_WARMUP_SIZES"),
+        ({"SPEED_WARMUP_SECONDS": "-1"}, "SPEED_WARMUP_SECONDS"),
+        ({"SPEED_GRAPH_MEMORY": "lots"}, "SPEED_GRAPH_MEMORY"),
     ):
         with pytest.raises(ValueError, match=name):
             speed.Switches.from_env(CPU, env)

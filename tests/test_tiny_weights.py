@@ -120,6 +120,29 @@ def test_deterministic_and_returns_what_it_wrote(tiny_weights, tmp_path):
     assert all(sha256(tmp_path / p) == sha256(tiny_weights / p) for p in written)
 
 
+def test_full_size_writing_copies_off_the_device_once_and_writes_in_the_background(tiny_weights, tmp_path):
+    """What the GPU check's full-size weights go through: every tensor of a model off the device in one packed copy
+    (here from the CPU: the same bytes), and files written by background threads, a subset of repos at a time,
+    giving the files a foreground write gives."""
+    from lib.engine.modes import TAESD
+    from lib.testkit import models
+
+    tensors = {
+        "w": torch.randn(3, 4, 5, dtype=torch.float16),
+        "b": torch.randn(7),
+        "scalar": torch.tensor(2.5, dtype=torch.float16),
+        "ids": torch.arange(6).view(2, 3),
+        "t": torch.randn(4, 3).t(),  # not contiguous
+    }
+    host = models.packed_to_host(tensors)
+    assert list(host) == list(tensors)
+    for k, v in tensors.items():
+        assert host[k].dtype == v.dtype and host[k].shape == v.shape and torch.equal(host[k], v), k
+    written = write_weights(tmp_path, repos=[SDXL_TURBO, TAESD], background=True)
+    assert {"/".join(p.parts[:2]) for p in written} == {SDXL_TURBO.repo_id, TAESD.repo_id}
+    assert all(sha256(tmp_path / p) == sha256(tiny_weights / p) for p in written)
+
+
 def test_only_the_sdxl_text_encoders_are_shared(tiny_weights):
     by_hash: dict[str, list[str]] = {}
     for p in tiny_weights.rglob("*.safetensors"):

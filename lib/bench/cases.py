@@ -91,7 +91,7 @@ VARIANTS = {
         "SPEED_CHANNELS_LAST": "1",
         "SPEED_FUSE_QKV": "1",
     },
-    "default": {},  # the defaults: on CUDA all of the above plus the bf16 SDXL VAE
-    "compile": {"SPEED_COMPILE": "unet,vae,text"},
-    "compile+cuda_graphs": {"SPEED_COMPILE": "unet,vae,text", "SPEED_CUDA_GRAPHS": "1"},
+    "no-graphs": {"SPEED_CUDA_GRAPHS": "0"},  # the defaults without the CUDA graphs
+    "default": {},  # the defaults: on CUDA all of the above, the bfloat16 SDXL VAE and the CUDA graphs
+    "compile": {"SPEED_COMPILE": "unet,vae"},  # the defaults, compiled
 }

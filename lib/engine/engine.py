@@ -13,6 +13,7 @@ Timings are CUDA events (lib/engine/timeline.py), read after the work: nothing w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -132,9 +133,14 @@ class Engine:
         loader = ComponentLoader(
             device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes, dtype)
         )
-        # The shapes CUDA graphs capture, per mode (the warm-up's: batch 1 at the default size; speed.py decides).
-        graph_shapes = {n: [(1, MODES[n].size, MODES[n].size)] for n in mode_names} if switches.cuda_graphs else {}
-        plan = plan_memory(loader, weights_dir, mode_names, Settings().safety_checker, graph_shapes)
+        plan = plan_memory(
+            loader,
+            weights_dir,
+            mode_names,
+            Settings().safety_checker,
+            speed.graph_shapes(switches, mode_names),
+            switches.graph_memory,
+        )
         log.info("%s", plan.describe())
         # The budget holds: beyond it, allocations fail and are retried (without DEVICE_MEMORY_BUDGET: the device).
         memory.cap_allocator(device, plan.budget if plan.source == "DEVICE_MEMORY_BUDGET" else None)
@@ -152,6 +158,10 @@ class Engine:
         )
         safety = load_safety_checker(weights_dir, device, dtype)
         engine = cls(modes, device, dtype, safety, None)
+        if switches.cuda_graphs and plan.budget is not None and plan.graph_pool < (switches.graph_memory or 2**63):
+            # The plan left the graphs less than SPEED_GRAPH_MEMORY: no graph may need more than that.
+            log.info("memory: CUDA graphs up to %s each (what the budget leaves)", memory.human(plan.graph_pool))
+            switches = dataclasses.replace(switches, graph_memory=plan.graph_pool)
         speed.optimize(engine, switches, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
         engine.residency = Residency(
             plan, {name: m.modules() for name, m in modes.items()}, device, [safety.model] if safety else []
@@ -258,11 +268,16 @@ class Engine:
 
 
 def plan_memory(
-    loader: ComponentLoader, weights_dir: Path, mode_names, safety_checker: bool, graph_shapes: dict | None = None
+    loader: ComponentLoader,
+    weights_dir: Path,
+    mode_names,
+    safety_checker: bool,
+    graph_shapes: dict | None = None,
+    graph_memory: int | None = None,
 ) -> memory.Plan:
     """The memory plan from the files' sizes and the models' configs, before anything is loaded
-    (lib/engine/memory.py). `graph_shapes`: per mode whose UNet CUDA graphs will capture, the (batch entries, width,
-    height) it captures (what their pool holds while the mode is resident)."""
+    (lib/engine/memory.py). `graph_shapes`: per mode, the (batch entries, width, height) its UNet's CUDA graphs
+    capture; the graphs share one pool, the size of the largest, and none larger than `graph_memory` is recorded."""
     check_present(weights_dir, mode_names)  # one message for every missing file, before any is read
     if safety_checker:
         check_safety_weights(weights_dir)
@@ -289,12 +304,13 @@ def plan_memory(
         biggest, images = SIZE_RANGE[1], NUM_OUTPUTS_RANGE[1]
         cfg = mode.uses_cfg(max(mode.guidance.values + (mode.guidance.range or ())))
         largest[name] = estimate.need(biggest, biggest, images, mode.steps.range[1], cfg)
-    pools = {name: memory.graph_pool_bytes(estimates[name], shapes) for name, shapes in (graph_shapes or {}).items()}
+    pool = max((memory.graph_pool_bytes(estimates[n], shapes) for n, shapes in (graph_shapes or {}).items()), default=0)
+    pool = pool if graph_memory is None else min(pool, graph_memory)
     always = frozenset()
     if safety_checker:
         sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)
         always = frozenset({"safety_checker"})
-    plan = memory.make_plan(mode_modules, sizes, always, largest, budget, source, pools)
+    plan = memory.make_plan(mode_modules, sizes, always, largest, budget, source, pool)
     return replace(plan, estimates=estimates)
 
 

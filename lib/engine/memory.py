@@ -6,12 +6,12 @@ and the dtype it will run in; modules stored in identical files count once, as t
 keeps working memory free for the largest request any enabled mode accepts (2048x2048, 8 images, classifier-free
 guidance doubling the UNet's batch where the mode allows guidance above 1): the largest of its stages (the
 denoising, the decode of one image, the safety checker) beside what lives through them all (the noise drawn up
-front, the decoded pixels), from the estimates below, plus the CUDA graph pools of the modes that capture graphs
-(counted with their weights; lib/engine/engine.py's `graph_shapes` says what they capture). The budget is the
-device's free memory, or DEVICE_MEMORY_BUDGET where set (bytes, or with a unit: 500MB, 20GB, 20GiB); 5% of it is
-headroom. Every enabled mode must serve its own largest request alone beside the modules every mode uses (the
-safety checker), or setup fails saying what is needed; of the rest, modes stay resident in table order (the
-default mode first) while they fit beside that working memory.
+front, the decoded pixels), from the estimates below, plus the one memory pool all CUDA graphs share (counted with
+the weights; lib/engine/speed.py's `graph_shapes` says what they capture). The budget is the device's free memory,
+or DEVICE_MEMORY_BUDGET where set (bytes, or with a unit: 500MB, 20GB, 20GiB); 5% of it is headroom. Every enabled
+mode must serve its own largest request alone beside the modules every mode uses (the safety checker), or setup
+fails saying what is needed; of the rest, modes stay resident in table order (the default mode first) while they
+fit beside that working memory.
 
 DEVICE_MEMORY_BUDGET also caps the CUDA allocator (`cap_allocator`), so the process never holds more: an
 allocation beyond it fails, and the engine answers an out-of-memory error by moving the other modes out and
@@ -153,8 +153,8 @@ class ModeMemory:
 
 
 def graph_pool_bytes(memory: ModeMemory, shapes) -> int:
-    """Device memory CUDA graphs of a mode's UNet keep while it is resident: graph trees record every shape into one
-    private pool, sized by the largest graph's activations. `shapes`: (batch entries, width, height) captured."""
+    """The largest activations a mode's UNet graphs record (lib/engine/graphs.py): all graphs share one memory pool,
+    which holds about the largest graph's. `shapes`: (batch entries, width, height) captured."""
     return max((n * unet_bytes(memory.unet, w, h, memory.unet_dtype) for n, w, h in shapes), default=0)
 
 
@@ -170,13 +170,13 @@ class Plan:
     needs: dict[str, int] = field(default_factory=dict)  # mode -> device bytes it needs alone for its largest request
     largest: dict[str, int] = field(default_factory=dict)  # mode -> its largest request's working memory
     reserve: int = 0  # the largest of those: what a batch may use beside the resident weights
-    graph_pools: dict[str, int] = field(default_factory=dict)  # mode -> what its CUDA graphs hold while resident
+    graph_pool: int = 0  # the memory pool all CUDA graphs share (lib/engine/graphs.py), held from setup on
     estimates: dict[str, ModeMemory] = field(default_factory=dict)  # mode -> its batches' needs
 
     def weights(self, modes: Iterable[str]) -> int:
-        """The modes' weights (each module once, the always-resident ones too) and their CUDA graph pools."""
+        """The modes' weights (each module once, the always-resident ones too) and the CUDA graphs' pool."""
         keys = set(self.always).union(*(self.mode_modules[m] for m in modes))
-        return sum(self.module_bytes[k] for k in keys) + sum(self.graph_pools.get(m, 0) for m in set(modes))
+        return sum(self.module_bytes[k] for k in keys) + self.graph_pool
 
     @property
     def usable(self) -> int | None:
@@ -212,12 +212,13 @@ def make_plan(
     working: dict[str, int],
     budget: int | None,
     source: str,
-    graph_pools: dict[str, int] | None = None,
+    graph_pool: int = 0,
 ) -> Plan:
     """Which modes stay resident (table order) within `budget`, beside the working memory of the largest request
     of any mode (`working`: per mode), so that no request has to move a mode out; fails if an enabled mode cannot
-    serve its own largest request even alone. `graph_pools`: per mode, device memory its CUDA graphs hold while it
-    is resident (counted with its weights; such a mode is never moved out)."""
+    serve its own largest request even alone. `graph_pool`: the device memory the CUDA graphs' shared pool would
+    hold (counted with the weights); within a budget, it gets at most what is left beside the largest request, and
+    graphs larger than that are not recorded (Engine.load lowers SPEED_GRAPH_MEMORY to it)."""
     largest = dict(working)
     work = max(working.values(), default=0)
     plan = Plan(
@@ -229,8 +230,11 @@ def make_plan(
         frozenset(always),
         largest=largest,
         reserve=work,
-        graph_pools=dict(graph_pools or {}),
+        graph_pool=graph_pool,
     )
+    if budget is not None:  # the graphs get what the budget leaves beside the largest request of any mode
+        alone = max((plan.weights([m]) - graph_pool + largest[m] for m in mode_modules), default=0)
+        plan = replace(plan, graph_pool=max(0, min(graph_pool, plan.usable - alone)))
     plan = replace(plan, needs={m: plan.weights([m]) + largest[m] for m in mode_modules})
     if budget is None:
         return replace(plan, resident=tuple(mode_modules))
@@ -254,10 +258,7 @@ def make_plan(
     for m in mode_modules:
         if plan.weights([*resident, m]) <= plan.weights_budget:
             resident.append(m)
-    # Only resident modes get CUDA graphs (lib/engine/speed.py): the others hold no pool.
-    return replace(
-        plan, resident=tuple(resident), graph_pools={m: plan.graph_pools[m] for m in plan.graph_pools if m in resident}
-    )
+    return replace(plan, resident=tuple(resident))
 
 
 _cap: dict[int, int] = {}  # CUDA device index -> the allocator's limit set by cap_allocator
@@ -320,7 +321,6 @@ class Residency:
         self._bytes = {id(m): module_bytes(m) for ms in (*self.modules.values(), self.always) for m in ms}
         if self.copies is None:
             self.copies = self.device.type != "cpu"
-        self.fixed = set(self.plan.graph_pools)  # modes whose CUDA graphs hold their weights' addresses: never out
 
     @classmethod
     def everything(cls, modes: dict, device: torch.device, safety=None) -> "Residency":
@@ -355,7 +355,7 @@ class Residency:
         # With every other mode out, a mode runs even beyond the limit: make_plan checked that its weights and its
         # largest request's working memory fit.
         while limit is not None and self._resident_bytes(name, needed) > limit:
-            victim = next((n for n in self.recent if n != name and n not in self.fixed), None)
+            victim = next((n for n in self.recent if n != name), None)
             if victim is None:
                 break
             del self.recent[victim]
@@ -383,11 +383,11 @@ class Residency:
 
     def can_evict(self, name: str) -> bool:
         """Whether another mode is resident that evict_all_but would move out."""
-        return any(n != name and n not in self.fixed for n in self.recent)
+        return any(n != name for n in self.recent)
 
     def evict_all_but(self, name: str) -> list[str]:
         """Move every other mode out (a request ran out of device memory: it gets the whole device)."""
-        others = [n for n in self.recent if n != name and n not in self.fixed]
+        others = [n for n in self.recent if n != name]
         for other in others:
             del self.recent[other]
             self._move_out(other, keep=[name, *self.recent])
@@ -404,10 +404,9 @@ class Residency:
                 self.on_device.discard(id(m))
 
     def _resident_bytes(self, name: str, needed) -> int:
-        """The weights on the device once `needed` (of mode `name`) is in, with the resident modes' graph pools."""
-        modes = {*self.recent, name}
-        pools = sum(self.plan.graph_pools.get(m, 0) for m in modes)
-        return sum(self._bytes[i] for i in self.on_device) + sum(self._bytes[id(m)] for m in needed) + pools
+        """The weights on the device once `needed` (of mode `name`) is in, with the CUDA graphs' pool."""
+        on_device = sum(self._bytes[i] for i in self.on_device)
+        return on_device + sum(self._bytes[id(m)] for m in needed) + self.plan.graph_pool
 
     @staticmethod
     def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

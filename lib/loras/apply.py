@@ -235,13 +235,15 @@ def _remove(pipe, restore) -> None:
 
 @contextlib.contextmanager
 def style_lora(pipe, lora: LoraFile | dict, scale: float, mode_name: str) -> Iterator[None]:
-    """`lora` applied to `pipe` at `scale` inside the block; removed on the way out, whatever happens."""
-    if getattr(pipe.unet, "_compiled_call_impl", None) is not None:
-        log.warning("the UNet is compiled (SPEED_COMPILE): a LoRA makes torch recompile it, twice per request")
+    """`lora` applied to `pipe` at `scale` inside the block; removed on the way out, whatever happens. The models run
+    as loaded meanwhile: a CUDA graph replay or compiled code would not see the adapters (lib/engine/graphs.py)."""
+    from lib.engine.graphs import eager
+
     state = lora if isinstance(lora, dict) else load_state_dict(lora)
-    restore = _unfuse_attention(pipe.unet)
-    try:
-        _apply(pipe, state, scale, mode_name)
-        yield
-    finally:
-        _remove(pipe, restore)
+    with eager():
+        restore = _unfuse_attention(pipe.unet)
+        try:
+            _apply(pipe, state, scale, mode_name)
+            yield
+        finally:
+            _remove(pipe, restore)

@@ -19,15 +19,12 @@ TOKEN_HINT = "export REALTIME_TOKEN=$(python3 -c 'import secrets; print(secrets.
 
 
 def use_fast_path() -> None:
-    """On CUDA, the realtime defaults (before the engine reads its settings; SPEED_*=0 turns each off): one fixed
-    size per mode, so cuDNN autotuning and CUDA graphs pay off; reduce-overhead mode gives CUDA graphs without
-    max-autotune's minutes of kernel tuning at every start."""
+    """On CUDA, the realtime defaults (before the engine reads its settings; SPEED_CUDNN_BENCHMARK=0 turns it off): one
+    fixed size per mode, so cuDNN's autotuning per shape pays off (CUDA graphs are on for every CUDA engine)."""
     from lib.engine.loading import choose_device
 
     if choose_device().type == "cuda":
         os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
-        os.environ.setdefault("SPEED_CUDA_GRAPHS", "1")
-        os.environ.setdefault("SPEED_COMPILE_MODE", "reduce-overhead")
 
 
 def main(argv: list[str] | None = None) -> int:
