@@ -27,32 +27,32 @@ SOFTWARE = "fast-sd-cog"
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
-def input_image_size(path) -> tuple[int, int]:
-    """The img2img input's upright (width, height), from its header alone: limits are checked before any
-    pixel is decoded."""
+def input_image_size(path, name: str = "image") -> tuple[int, int]:
+    """An input image's upright (width, height), from its header alone: limits are checked before any
+    pixel is decoded. `name`: the input it came as (image, control_image, ...), for messages."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_INPUT_BYTES:
-        raise InputError(f"image: the file is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB")
+        raise InputError(f"{name}: the file is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB")
     try:
         with Image.open(path) as image:
             w, h = image.size
             rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
     except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"image: {path.name} is not a readable image file (PNG, JPEG, WebP, ...): {e}") from None
+        raise InputError(f"{name}: {path.name} is not a readable image file (PNG, JPEG, WebP, ...): {e}") from None
     if w * h > MAX_INPUT_PIXELS:
-        raise InputError(f"image: {w}x{h} is too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)")
+        raise InputError(f"{name}: {w}x{h} is too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)")
     return (h, w) if rotated else (w, h)
 
 
-def open_input_image(path) -> Image.Image:
-    """The img2img input as upright RGB."""
-    input_image_size(path)
+def open_input_image(path, name: str = "image") -> Image.Image:
+    """An input image (the img2img input, a control image) as upright RGB."""
+    input_image_size(path, name)
     try:
         with Image.open(path) as image:
             return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
-        raise InputError(f"image: {Path(path).name} could not be decoded: {e}") from None
+        raise InputError(f"{name}: {Path(path).name} could not be decoded: {e}") from None
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
