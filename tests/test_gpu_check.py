@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["env", "weights", "budget", "goals", "realtime", "plain", "compiled"]
+STEPS = ["env", "weights", "budget", "goals", "realtime", "plain", "compiled", "controlnet"]
 
 
 def test_the_dry_run_runs_every_step(tmp_path):
@@ -36,6 +36,11 @@ def test_the_dry_run_runs_every_step(tmp_path):
     assert goals["sd-turbo 512, TAESD, num_outputs 12"]["images_per_s"] > 0
     assert set(steps["plain"]["cases"]) == {name for name in goals if name.startswith(("sd-turbo", "sdxl-turbo"))}
     assert set(steps["compiled"]["cases"]) == {name for name in goals if name.startswith("sd-turbo")}
+    controlnet = steps["controlnet"]["cases"]
+    assert set(controlnet) == {"sdxl-turbo", "lcm-lora-sd15"}
+    assert all(
+        c["none"]["ratio"] == 1 and c["two ControlNets (canny + depth)"]["step_ms"] > 0 for c in controlnet.values()
+    )
     realtime = steps["realtime"]
     assert set(realtime["direct"]) == {"1", "4"} and set(realtime["server"]) == {"1", "4"}
     assert all(r["frames"] > 0 and r["latency_ms"]["p95"] > 0 for r in realtime["server"].values())

@@ -13,6 +13,8 @@ Steps, each written to OUT/gpu_check.json as soon as it ends (a run cut short ke
 5. realtime: the realtime server on sd-turbo 512 (1 and 4 clients, img2img with TAESD) against the engine direct.
 6. plain: SPEED=0 (the plain diffusers path) on the sd-turbo and sdxl-turbo goals.
 7. compiled: SPEED_COMPILE=unet,vae with CUDA graphs on the sd-turbo goals, if the time left allows.
+8. controlnet: CONTROLNET=1, the cost per denoising step of one and two ControlNets against none, sdxl-turbo and
+   lcm-lora-sd15 at 512px (lib/bench/controlnet.py).
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Check:
             "SPEED_COMPILE_MODE": "",
             "SPEED_COMPILE_BACKEND": "",
             "SPEED_CUDNN_BENCHMARK": "",
+            "CONTROLNET": "",
         }
         if self.dry:
             base["SPEED_COMPILE_BACKEND"] = "eager"  # inductor takes minutes on a CPU; eager checks the plumbing
@@ -153,6 +156,14 @@ class Check:
             return [o async for o in outputs(p, **kwargs)]
 
         return self.loop.run_until_complete(gather())
+
+    def controlnet(self) -> dict:
+        from lib.bench.controlnet import measure
+
+        names = ("sdxl-turbo", "lcm-lora-sd15")
+        p = self.predictor({"ENABLED_MODES": ",".join(names), "CONTROLNET": "1"})
+        cases = {name: measure(p.engine, name, self.size(512), 1 if self.dry else 5) for name in names}
+        return {"setup_s": p.setup_s, "cases": cases}
 
     def size(self, size: int) -> int:
         return 256 if self.dry else size
@@ -341,6 +352,7 @@ def main(argv=None) -> int:
         ),
         need_s=150,
     )
+    check.step("controlnet", check.controlnet, need_s=60)
     check.free()
     errors = [name for name, s in check.data["steps"].items() if "error" in s]
     print(

@@ -129,4 +129,3 @@ def pipeline_kwargs(controls, maps: list[list[Image.Image]], img2img: bool) -> d
         "control_guidance_end": end[0] if len(controls) == 1 else end,
     }
     return kwargs
-

@@ -236,6 +236,7 @@ class Engine:
             maps.append(controls.control_map(control.kind, fitted, self.depth))
         record("timings.control_maps", round(time.perf_counter() - started, 4))
         return maps
+
     def run(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Iterator[Output]:
         """Generate request.num_outputs images; yields each file as soon as it is written."""
         for _, output in self.run_batch([self.job(request, out_dir, record)]):
@@ -619,7 +620,12 @@ class Batch:
             if not r.return_control_maps or job.cancelled or job.out_dir is None:
                 continue
             for k, (control, picture) in enumerate(zip(r.controls, job.control_maps, strict=True)):
-                settings = {"control": control.kind, "control_input": control.name, "width": r.width, "height": r.height}
+                settings = {
+                    "control": control.kind,
+                    "input": f"{control.name}_image",
+                    "width": r.width,
+                    "height": r.height,
+                }
                 path = job.out_dir / f"control-{k}-{control.kind}.png"
                 yield job, Output(images.save_image(picture, path, "png", 100, settings), r.seed, settings)
 

@@ -280,12 +280,13 @@ def resolve_controls(mode: Mode, specs, controlnet: bool, img2img: bool, runs: i
     first = specs[0]["name"]
     if mode.controlnets is None:
         raise InputError(
-            f"{first}_image: mode {mode.name} has no ControlNet; allowed: a control with modes {', '.join(control_modes())}"
+            f"{first}_image: mode {mode.name} has no ControlNet; allowed: a control with modes "
+            + ", ".join(control_modes())
         )
     if not controlnet:
         raise InputError(
-            f"{first}_image: ControlNet is not enabled on this server; allowed: requests without a control (the operator "
-            "enables ControlNet with CONTROLNET=1)"
+            f"{first}_image: ControlNet is not enabled on this server; allowed: requests without a control (the "
+            "operator enables ControlNet with CONTROLNET=1)"
         )
     if img2img and CONTROL_PIPELINE_CLASSES[mode.family][1] is None:
         others = [n for n in control_modes() if CONTROL_PIPELINE_CLASSES[MODES[n].family][1]]
@@ -306,12 +307,14 @@ def resolve_controls(mode: Mode, specs, controlnet: bool, img2img: bool, runs: i
         start = _in_range(f"{name}_start", spec.get("start", 0.0), CONTROL_WINDOW_RANGE)
         end = _in_range(f"{name}_end", spec.get("end", 1.0), CONTROL_WINDOW_RANGE)
         if start >= end:
-            raise InputError(f"{name}_end: {end:g} is not after {name}_start {start:g}; allowed: {name}_end > {name}_start")
+            raise InputError(
+                f"{name}_end: {end:g} is not after {name}_start {start:g}; allowed: {name}_end > {name}_start"
+            )
         if not steps_kept(start, end, runs):
             raise InputError(
-                f"{name}_end: the window {start:g}-{end:g} covers none of the {runs} denoising step(s) that run, so the "
-                f"ControlNet would act in none; allowed: a window that covers at least one step (e.g. {name}_start 0 "
-                f"and {name}_end 1)"
+                f"{name}_end: the window {start:g}-{end:g} covers none of the {runs} denoising step(s) that run, so "
+                f"the ControlNet would act in none; allowed: a window that covers at least one step (e.g. "
+                f"{name}_start 0 and {name}_end 1)"
             )
         image = spec.get("image")
         out.append(Control(kind, None if image is None else str(image), scale, start, end, name))

@@ -201,9 +201,8 @@ CONTROL_KINDS = {
     "edge_map": CANNY_NET,  # already an edge map: white lines on black
     "depth_map": DEPTH_NET,  # already a depth map: near is bright
 }
-# The SDXL ones are the distilled "-small" ControlNets (160M parameters, an eighth of the full SDXL ControlNet's cost per
-# step). The canny one's fp16 file is not on the repo's main branch: its fp32 file is fetched and loaded in the model
-# dtype.
+# The SDXL ones are the distilled "-small" ControlNets (160M parameters: an eighth of the full SDXL ControlNet's size).
+# The canny one's fp16 file is not on the repo's main branch: its fp32 file is fetched and loaded in the model dtype.
 SDXL_CANNY = Repo("diffusers/controlnet-canny-sdxl-1.0-small", None, (CONTROLNET,), "Open RAIL++-M")
 SDXL_DEPTH = Repo("diffusers/controlnet-depth-sdxl-1.0-small", "fp16", (CONTROLNET,), "Open RAIL++-M")
 SD15_CANNY = Repo("lllyasviel/control_v11p_sd15_canny", "fp16", (CONTROLNET,), "OpenRAIL")
@@ -227,7 +226,7 @@ def control_modes() -> list[str]:
 
 
 def control_repos(mode_names) -> list[Repo]:
-    """What CONTROLNET=1 adds for the given modes: their ControlNets and, where any mode has one, the depth estimator."""
+    """What CONTROLNET=1 adds for the given modes: their ControlNets and (where any has one) the depth estimator."""
     repos = [r for name in mode_names if MODES[name].controlnets for r in MODES[name].controlnets.repos]
     return list(dict.fromkeys(repos)) + ([DEPTH_ANYTHING] if repos else [])
 

@@ -13,6 +13,8 @@ Variable (default on CUDA / on the CPU): what it does.
   for predictions: their sizes are free-form (any multiple of 8), and every new size would pay the autotuning.
   On where shapes are fixed: the realtime server (one size per session) and the benchmark's fixed cases.
 - SPEED_CHANNELS_LAST (1/0): UNet and VAE weights in channels_last (NHWC), the layout tensor cores want.
+The ControlNets (CONTROLNET=1) run every denoising step beside the UNet and get what it gets: channels_last, fused QKV
+where they have attention (diffusers fuses per attention layer), and compiling and CUDA graphs with the `unet` target.
 - SPEED_FUSE_QKV (1/0): one fused QKV (self-attention) / KV (cross-attention) projection per attention; the
   separate projections are dropped (diffusers keeps both: about 2.9 GB more for all modes), and rebuilt as
   views of the fused weights only while a style LoRA needs them (lib/loras/).
@@ -165,6 +167,7 @@ def apply(
         torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     loaded = list(modes.values())
     unets = _unique(lm.txt2img.unet for lm in loaded)
+    controlnets = _unique(net for lm in loaded for net in lm.controlnets.values())  # CONTROLNET=1: as the UNets
     vaes = _unique(d for lm in loaded for d in decoders(lm))
     texts = _unique(e for lm in loaded for e in (lm.txt2img.text_encoder, getattr(lm.txt2img, "text_encoder_2", None)))
     report: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "switches": asdict(switches)}
@@ -176,24 +179,24 @@ def apply(
             v.to(target)
         report["vae_dtype"][type(v).__name__] = str(target).removeprefix("torch.")
 
-    attention_modules = [m for m in unets + vaes if hasattr(m, "set_attn_processor")]
+    attention_modules = [m for m in unets + controlnets + vaes if hasattr(m, "set_attn_processor")]
     report["projections_dropped"] = 0
     if not switches.sdpa:
         for m in attention_modules:
             m.set_attn_processor(AttnProcessor())
     elif switches.fuse_qkv:
         for m in attention_modules:
-            if hasattr(m, "fuse_qkv_projections") and m.attn_processors:
+            if m.attn_processors:
                 report["projections_dropped"] += fuse_projections(m)
     if switches.channels_last:
-        for m in unets + vaes:
+        for m in unets + controlnets + vaes:
             m.to(memory_format=torch.channels_last)
-    report["attention"] = attention_report(unets + vaes + texts)
+    report["attention"] = attention_report(unets + controlnets + vaes + texts)
 
     if switches.compile:
         resident = set(modes) if resident is None else set(resident)
         on_device = {id(m) for name in resident for m in modes[name].modules()}
-        _compile(switches, unets, vaes, texts, on_device)
+        _compile(switches, unets + controlnets, vaes, texts, on_device)
     report["compiled"] = list(switches.compile)
     return report
 
@@ -201,7 +204,16 @@ def apply(
 def fuse_projections(model) -> int:
     """Fused QKV (self-attention) / KV (cross-attention) projections, with the separate ones dropped: diffusers
     keeps both, which would hold every projection twice. Returns how many projections were dropped."""
-    model.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA), which reads only the fused layers
+    if hasattr(model, "fuse_qkv_projections"):
+        model.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA), which reads only the fused layers
+    else:  # a ControlNet: diffusers' per-layer fusing, and the processor that reads the fused layers
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            layer.fuse_projections(fuse=True)
+        if layers:
+            model.set_attn_processor(FusedAttnProcessor2_0())
     dropped = 0
     for attn in fused_attentions(model):
         for name in separate_projections(attn):
@@ -314,6 +326,21 @@ def warm_up(engine, img2img: bool = False) -> dict:
                     disable_safety_checker=True,
                 )
                 jobs.append(engine.job(request, tmp, picture=Image.new("RGB", (size, size), (128, 128, 128))))
+            if engine.modes[name].controlnets:  # CONTROLNET=1: the ControlNet path too, compiled before a request
+                size = engine.modes[name].mode.size
+                request = resolve_request(
+                    enabled=engine.enabled,
+                    prompt="warm-up",
+                    mode=name,
+                    seed=0,
+                    width=size,
+                    height=size,
+                    controls=[{"name": "control", "kind": "canny", "size": (size, size)}],
+                    controlnet=True,
+                    disable_safety_checker=True,
+                )
+                grey = Image.new("RGB", (size, size), (128, 128, 128))
+                jobs.append(engine.job(request, tmp, control_pictures=[grey]))
             for job in jobs:
                 for _ in engine.run_batch([job]):
                     pass

@@ -471,7 +471,9 @@ def build_depth_estimator(repo: Repo, scale: Scale = TINY, dtype: torch.dtype = 
         config,
         seed(repo.repo_id, DEPTH_ESTIMATOR),
         scale,
-        factory=lambda: transformers.DepthAnythingForDepthEstimation(transformers.DepthAnythingConfig.from_dict(config)),
+        factory=lambda: transformers.DepthAnythingForDepthEstimation(
+            transformers.DepthAnythingConfig.from_dict(config)
+        ),
         dtype=dtype,
     )
 

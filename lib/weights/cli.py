@@ -15,7 +15,8 @@
                                     the revisions and pins it has (new files get null: trusted on first download)
 
 Modes default to ENABLED_MODES (comma-separated), else all; the safety checker's files are included unless
-SAFETY_CHECKER=0, and the ControlNets' and the depth estimator's where CONTROLNET=1. WEIGHTS_DIR defaults to the project's weights/ folder, as for setup().
+SAFETY_CHECKER=0, and the ControlNets' and the depth estimator's where CONTROLNET=1. WEIGHTS_DIR defaults to the
+project's weights/ folder, as for setup().
 """
 
 from __future__ import annotations
