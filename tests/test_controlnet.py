@@ -221,8 +221,8 @@ def test_scribble_turns_drawn_lines_into_an_edge_map(engine, tmp_path):
     )
     values = np.asarray(scribble)
     assert set(np.unique(values)) == {0, 255}
-    assert values[110, 110].tolist() == [255, 255, 255] and values[5, 5].tolist() == [0, 0, 0]
-    assert values[200, 40].tolist() == [0, 0, 0]
+    assert values[120, 110].tolist() == [255, 255, 255] and values[5, 5].tolist() == [0, 0, 0]  # [row, column]
+    assert values[168, 68].tolist() == [0, 0, 0]  # on the pale line
 
 
 def test_the_control_image_sets_the_aspect_and_is_cropped_not_stretched(engine, photo, tmp_path):
@@ -318,3 +318,68 @@ def test_a_batch_of_controlled_requests_gives_each_its_solo_images(engine, photo
     together = [np.asarray(Image.open(o.path), dtype=np.int16) for o in outputs]
     assert len(together) == 2
     assert max(np.abs(a - b).max() for a, b in zip(solo, together, strict=True)) <= TOLERANCE
+
+
+def test_control_pipelines_share_the_modes_modules_and_keep_their_dtypes(engine, tiny_weights):
+    for name in control_modes():
+        loaded = engine.modes[name]
+        pipe = loaded.control_pipeline(("canny", "depth"), img2img=False)
+        assert pipe.unet is loaded.txt2img.unet and pipe.vae is loaded.txt2img.vae
+        assert list(pipe.controlnet.nets) == [loaded.controlnets["canny"], loaded.controlnets["depth"]]
+        assert loaded.control_pipeline(("canny", "depth"), img2img=False) is pipe  # built once
+    sdxl = engine.modes["sdxl-turbo"].controlnets
+    assert sdxl["canny"] is engine.modes["lcm-lora-sdxl"].controlnets["canny"]  # the same files: loaded once
+    assert sdxl["canny"] is not sdxl["depth"]
+
+    from lib.engine.loading import load_modes
+
+    [half] = load_modes(tiny_weights, ["sdxl-turbo"], torch.device("cpu"), torch.float16, controlnet=True).values()
+    pipe = half.control_pipeline(("canny",), img2img=True)  # no cast of the shared modules, unlike from_pipe's
+    assert (half.txt2img.unet.dtype, half.txt2img.vae.dtype, pipe.controlnet.dtype) == (
+        torch.float16,
+        torch.float32,  # the SDXL VAE's config forces an upcast
+        torch.float16,
+    )
+
+
+def test_the_memory_plan_counts_the_controlnets_and_the_depth_estimator(tiny_weights):
+    from lib.engine.engine import plan_memory
+    from lib.engine.loading import ComponentLoader
+    from lib.engine.memory import file_bytes
+
+    names = ["sdxl-turbo", "lcm-lora-sdxl", "sd-turbo"]
+    loader = ComponentLoader(torch.device("cpu"), torch.float16)
+    without = plan_memory(loader, tiny_weights, names, False)
+    planned = plan_memory(loader, tiny_weights, names, False, controlnet=True)
+    assert planned.mode_modules["sd-turbo"] == without.mode_modules["sd-turbo"]
+    extra = planned.mode_modules["sdxl-turbo"] - without.mode_modules["sdxl-turbo"]
+    assert len(extra) == 2 and extra == planned.mode_modules["lcm-lora-sdxl"] - without.mode_modules["lcm-lora-sdxl"]
+    assert planned.always == {"depth_estimator"}
+    cn_bytes = sum(
+        file_bytes(next((tiny_weights / r.repo_id).glob("*.safetensors")), torch.float16)
+        for r in MODES["sdxl-turbo"].controlnets.repos
+    )
+    depth_bytes = file_bytes(tiny_weights / DEPTH_ANYTHING.repo_id / "model.safetensors", torch.float16)
+    assert planned.weights(["sdxl-turbo"]) == without.weights(["sdxl-turbo"]) + cn_bytes + depth_bytes
+
+
+def test_the_fast_path_covers_the_controlnets(engine, tiny_weights, photo, tmp_path):
+    """Fused QKV and channels_last reach the ControlNets (the SD 1.5 ones have attention) and keep the images."""
+    from lib.engine import speed
+    from lib.engine.loading import load_modes
+
+    cpu = torch.device("cpu")
+    fast = Engine(load_modes(tiny_weights, ["lcm-lora-sd15"], cpu, torch.float32, controlnet=True), cpu, torch.float32)
+    switches = {"SPEED": "0", "SPEED_FUSE_QKV": "1", "SPEED_CHANNELS_LAST": "1"}
+    speed.optimize(fast, speed.Switches.from_env(cpu, switches))
+    nets = fast.modes["lcm-lora-sd15"].controlnets.values()
+    layers = sum(len(net.attn_processors) for net in nets)
+    assert layers and fast.speed["attention"]["ControlNetModel"] == {"FusedAttnProcessor2_0": layers}
+    fused = [m for net in nets for m in net.modules() if getattr(m, "fused_projections", False)]
+    assert fused and not any(hasattr(m, "to_k") for m in fused)  # the separate projections are dropped
+    inputs = dict(mode="lcm-lora-sd15", control_image=photo, control_2_type="depth")
+    fast.depth = engine.depth
+    (tmp_path / "fast").mkdir()
+    got, _ = run_engine(fast, tmp_path / "fast", **inputs)
+    plain, _ = run_engine(engine, tmp_path, **inputs)
+    assert np.abs(got - plain).max() <= TOLERANCE

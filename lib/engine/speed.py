@@ -204,9 +204,11 @@ def apply(
 def fuse_projections(model) -> int:
     """Fused QKV (self-attention) / KV (cross-attention) projections, with the separate ones dropped: diffusers
     keeps both, which would hold every projection twice. Returns how many projections were dropped."""
-    if hasattr(model, "fuse_qkv_projections"):
+    from diffusers import ControlNetModel
+
+    if not isinstance(model, ControlNetModel):
         model.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA), which reads only the fused layers
-    else:  # a ControlNet: diffusers' per-layer fusing, and the processor that reads the fused layers
+    else:  # its inherited fuse_qkv_projections skips the classic Attention layers: fuse them one by one
         from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
         layers = [m for m in model.modules() if isinstance(m, Attention)]
