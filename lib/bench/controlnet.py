@@ -6,7 +6,8 @@
 Models are full size with random weights (lib/testkit/models.py; speed does not depend on weight values), the
 ControlNets those of lib/engine/modes.py. Each case runs through the engine (prompt encoding, the pipeline call with
 its ControlNet arguments, the decode) at the mode's default steps and guidance; the figure is the median time of a
-denoising step (the engine's per-step timings), over `--repeats` runs after one warm-up run. The maps are ready-made
+denoising step (the engine's per-step timings), over `--repeats` runs after one warm-up run, the cases taking
+turns. The maps are ready-made
 (edge_map, depth_map): the preprocessing is not part of the per-step cost. The GPU check runs `measure` on a GPU.
 """
 
@@ -35,13 +36,13 @@ def measure(engine, mode_name: str, size: int, repeats: int) -> dict:
     from lib.engine.inputs import resolve_request
 
     picture = Image.effect_mandelbrot((size, size), (-2, -1.5, 1, 1.5), 60).convert("RGB")  # something with edges
-    results = {}
+    requests = {}
     for name, kinds in CASES.items():
         specs = [
             {"name": prefix, "kind": kind, "size": (size, size)}
             for prefix, kind in zip(("control", "control_2"), kinds, strict=False)
         ]
-        request = resolve_request(
+        requests[name] = resolve_request(
             enabled=engine.enabled,
             prompt="a lighthouse at dusk",
             mode=mode_name,
@@ -52,16 +53,21 @@ def measure(engine, mode_name: str, size: int, repeats: int) -> dict:
             controlnet=bool(specs),
             disable_safety_checker=True,
         )
-        steps = []
-        for run in range(repeats + 1):
+    steps: dict = {name: [] for name in CASES}
+    # The cases take turns, run after run: a machine busy with other work slows them alike.
+    for run in range(repeats + 1):
+        for name, kinds in CASES.items():
             metrics: dict = {}
             with tempfile.TemporaryDirectory() as tmp:
-                job = engine.job(request, tmp, metrics.__setitem__, control_pictures=[picture] * len(kinds))
+                job = engine.job(requests[name], tmp, metrics.__setitem__, control_pictures=[picture] * len(kinds))
                 for _ in engine.run_batch([job]):
                     pass
             if run:  # the first run warms up
-                steps += metrics["timings.steps"]
-        results[name] = {"step_ms": round(statistics.median(steps) * 1000, 2), "steps": request.num_inference_steps}
+                steps[name] += metrics["timings.steps"]
+    results = {
+        name: {"step_ms": round(statistics.median(steps[name]) * 1000, 2), "steps": requests[name].num_inference_steps}
+        for name in CASES
+    }
     base = results["none"]["step_ms"]
     for r in results.values():
         r["ratio"] = round(r["step_ms"] / base, 3)
