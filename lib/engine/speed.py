@@ -337,7 +337,7 @@ def warm_up(engine, img2img: bool = False) -> dict:
                     seed=0,
                     width=size,
                     height=size,
-                    controls=[{"name": "control", "kind": "canny", "size": (size, size)}],
+                    controls=[{"name": "control", "kind": "edge_map", "size": (size, size)}],
                     controlnet=True,
                     disable_safety_checker=True,
                 )
