@@ -86,8 +86,49 @@ class Predictor(BaseRunner):
             default=False,
             description="Decode with the tiny autoencoder (TAESD / TAESDXL): several times faster decoding, slightly softer fine detail",
         ),
+        control_image: Optional[Path] = Input(
+            default=None,
+            description="Guides the layout (ControlNet; modes sdxl-turbo, lcm, lcm-lora-sdxl, lcm-lora-sd15, where the server enables ControlNet). Fitted to the output size like the input image; without width and height the output takes its aspect ratio",
+        ),
+        control_type: str = Input(
+            default="canny",
+            choices=["canny", "depth", "scribble", "edge_map", "depth_map"],
+            description="What guides: canny (the image's edges), depth (its estimated depth), scribble (lines drawn on a light background), edge_map or depth_map (the image already is the map)",
+        ),
+        control_scale: float = Input(
+            default=0.8, ge=0.0, le=2.0, description="How strongly the control guides (0 = not at all)"
+        ),
+        control_start: float = Input(
+            default=0.0,
+            ge=0.0,
+            le=1.0,
+            description="Fraction of the denoising steps after which the control starts acting",
+        ),
+        control_end: float = Input(
+            default=1.0,
+            ge=0.0,
+            le=1.0,
+            description="Fraction of the denoising steps after which it stops; the window must cover at least one step",
+        ),
+        control_2_type: str = Input(
+            default="none",
+            choices=["none", "canny", "depth", "scribble", "edge_map", "depth_map"],
+            description="A second control at once (for example depth beside canny): its type, or none",
+        ),
+        control_2_image: Optional[Path] = Input(
+            default=None, description="The second control's image; default: control_image"
+        ),
+        control_2_scale: float = Input(default=0.8, ge=0.0, le=2.0, description="The second control's strength"),
+        control_2_start: float = Input(default=0.0, ge=0.0, le=1.0, description="The second control's start"),
+        control_2_end: float = Input(default=1.0, ge=0.0, le=1.0, description="The second control's end"),
+        return_control_maps: bool = Input(
+            default=False, description="Also output each control map (the edges, depth or lines that guided the image)"
+        ),
     ) -> Iterator[Path]:
-        image = cog_inputs.received("image", image)  # never a path to a file already on the server
+        # Never a path to a file already on the server: only what Cog fetched for this request.
+        image = cog_inputs.received("image", image)
+        control_image = cog_inputs.received("control_image", control_image)
+        control_2_image = cog_inputs.received("control_2_image", control_2_image)
         request = self.engine.request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -106,6 +147,17 @@ class Predictor(BaseRunner):
             lora_scale=lora_scale,
             disable_safety_checker=disable_safety_checker,
             fast_decode=fast_decode,
+            control_image=control_image,
+            control_type=control_type,
+            control_scale=control_scale,
+            control_start=control_start,
+            control_end=control_end,
+            control_2_type=control_2_type,
+            control_2_image=control_2_image,
+            control_2_scale=control_2_scale,
+            control_2_start=control_2_start,
+            control_2_end=control_2_end,
+            return_control_maps=return_control_maps,
         )
         folder = self.outputs.new()
         try:

@@ -254,6 +254,10 @@ class Settings:
     device_memory_budget = Var("DEVICE_MEMORY_BUDGET", "engine", size(), None,
         "the memory plan's budget: modes that do not fit wait in host memory and move in when a request needs them",
         shown="the GPU's free memory")
+    controlnet = Var("CONTROLNET", "engine", switch(), False,
+        "`1`: fetch and load the ControlNets of the enabled modes that have them, and the depth estimator, so that "
+        "requests may carry a control image (README, ControlNet); off, none is fetched or loaded and controls are "
+        "refused")
     prompt_cache_size = Var("PROMPT_CACHE_SIZE", "engine", integer(0), 64,
         "prompt embeddings kept on the device (least recently used evicted): an unchanged prompt is not encoded again")
 

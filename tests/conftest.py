@@ -81,6 +81,7 @@ def realtime_server(tiny_weights, tmp_path_factory):
         "REALTIME_MAX_MESSAGE_BYTES": str(REALTIME_MAX_MESSAGE),
         "REALTIME_MESSAGES_PER_SECOND": str(REALTIME_RATE),
         "REALTIME_TOKEN": None,
+        "CONTROLNET": "1",  # lcm has ControlNets, sd-turbo none: the page offers controls for one mode only
     }
     with RealtimeServer(tmp_path_factory.mktemp("realtime"), env) as server:
         yield server

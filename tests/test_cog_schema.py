@@ -241,7 +241,27 @@ def expected_inputs() -> dict:
         "lora_scale": (None, *inputs.LORA_SCALE_RANGE, d["lora_scale"]),
         "disable_safety_checker": (None, None, None, d["disable_safety_checker"]),
         "fast_decode": (None, None, None, d["fast_decode"]),
+        **control_inputs(),
     }
+
+
+def control_inputs() -> dict:
+    """The ControlNet inputs as lib/engine/inputs.py defines them (control_specs' defaults, the kinds and ranges)."""
+    c = {k: p.default for k, p in inspect.signature(inputs.control_specs).parameters.items()}
+    kinds = list(modes.CONTROL_KINDS)
+    scale, window = inputs.CONTROL_SCALE_RANGE, inputs.CONTROL_WINDOW_RANGE
+    out = {}
+    for prefix, choices in (("control", kinds), ("control_2", [inputs.NO_CONTROL, *kinds])):
+        out[f"{prefix}_image"] = (None, None, None, c[f"{prefix}_image"])
+        out[f"{prefix}_type"] = (choices, None, None, c[f"{prefix}_type"])
+        out[f"{prefix}_scale"] = (None, *scale, c[f"{prefix}_scale"])
+        out[f"{prefix}_start"] = (None, *window, c[f"{prefix}_start"])
+        out[f"{prefix}_end"] = (None, *window, c[f"{prefix}_end"])
+    # The schema's order is predict.py's: the second control's image after its type.
+    order = ["control_image", "control_type", "control_scale", "control_start", "control_end", "control_2_type"]
+    order += ["control_2_image", "control_2_scale", "control_2_start", "control_2_end"]
+    maps = inspect.signature(inputs.resolve_request).parameters["return_control_maps"].default
+    return {k: out[k] for k in order} | {"return_control_maps": (None, None, None, maps)}
 
 
 def test_schema_holds_every_input_as_lib_defines_it(schema):
@@ -258,6 +278,8 @@ def test_schema_holds_every_input_as_lib_defines_it(schema):
     assert props["mode"]["description"] == modes.mode_help()
     assert props["num_inference_steps"]["description"] == modes.steps_help()
     assert props["guidance_scale"]["description"] == modes.guidance_help()
+    # The modes that take a control, as the mode table says.
+    assert f"modes {', '.join(modes.control_modes())}," in props["control_image"]["description"]
     assert props["image"]["format"] == "uri"
     assert components["Output"]["x-cog-array-type"] == "iterator"
 

@@ -14,7 +14,18 @@ from lib.bench import gpu_check
 from lib.bench.cases import GOALS
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["env", "sd-turbo", "profile", "sdxl-turbo", "lcm", "lcm-lora-sdxl", "budget", "realtime", "compile"]
+STEPS = [
+    "env",
+    "sd-turbo",
+    "profile",
+    "sdxl-turbo",
+    "lcm",
+    "lcm-lora-sdxl",
+    "budget",
+    "realtime",
+    "controlnet",
+    "compile",
+]
 PATHS = ("baseline", "default", "plain")
 
 
@@ -59,6 +70,11 @@ def test_the_dry_run_runs_every_step(tmp_path):
     assert budget["resident_after_setup"] == budget["resident"] and budget["moves_in_setup"] == 0
     assert any(p["moved_s"] is not None for p in budget["predictions"])
     assert all(p["images"] == 1 for p in budget["predictions"])
+    controlnet = steps["controlnet"]["cases"]
+    assert set(controlnet) == {"sdxl-turbo", "lcm-lora-sd15"}
+    assert all(
+        c["none"]["ratio"] == 1 and c["two ControlNets (canny + depth)"]["step_ms"] > 0 for c in controlnet.values()
+    )
     realtime = steps["realtime"]
     assert set(realtime["direct"]) == {"1", "4"} and set(realtime["server"]) == {"1", "4"}
     assert all(r["frames"] > 0 and r["latency_ms"]["p95"] > 0 for r in realtime["server"].values())

@@ -98,6 +98,34 @@ def test_painting_drives_img2img_frames(open_page):
     assert page.errors == []
 
 
+def test_painting_on_the_canvas_makes_it_the_source_at_once(open_page):
+    """A new user types a prompt and paints, without touching the source choice: the strokes give frames."""
+    page = open_page()
+    page.locator("#prompt").fill("a harbour at noon")
+    wait_for_frame_info(page, "from the prompt")
+    paint(page)
+    assert page.locator("input[name=source][value=canvas]").is_checked()
+    wait_for_frame_info(page, "img2img, strength 0.5")
+    assert page.errors == []
+
+
+def test_painted_strokes_guide_a_controlnet(open_page):
+    """The painting as a scribble: its lines guide the mode's ControlNet, the prompt sets the content. Offered only
+    for modes with ControlNets (lcm here, not sd-turbo)."""
+    page = open_page()
+    assert page.locator("#control").is_disabled()  # sd-turbo has no ControlNet
+    page.locator("#mode").select_option("lcm")
+    options = page.locator("#control option").evaluate_all("options => options.map(o => o.value)")
+    assert options == ["none", "scribble", "canny", "depth"]
+    page.locator("#prompt").fill("a castle on a hill")
+    page.locator("#control").select_option("scribble")
+    paint(page)
+    wait_for_frame_info(page, "guided by scribble")
+    assert "“a castle on a hill”" in page.locator("#frame-info").text_content()
+    assert page.locator("#output").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [768, 768]
+    assert page.errors == []
+
+
 def test_the_webcam_drives_img2img_frames(open_page):
     page = open_page()
     page.locator("#prompt").fill("a portrait in oils")

@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 
 from lib.engine.modes import (
+    CONTROLNET,
+    DEPTH_ESTIMATOR,
     LORA_WEIGHT_NAME,
     MODES,
     PIPELINE_CLASSES,
@@ -21,7 +23,8 @@ from lib.engine.modes import (
 )
 from lib.testkit.models import CONFIGS, LORA_ALPHA, LORA_RANK, write_weights
 
-REPOS = all_repos(MODES, safety_checker=True)  # the SD 1.5 repo with the safety checker's folders too
+# The SD 1.5 repo with the safety checker's folders too; the ControlNets and the depth estimator.
+REPOS = all_repos(MODES, safety_checker=True, controlnet=True)
 WEIGHTS = {
     "text_encoder": "model",
     "text_encoder_2": "model",
@@ -43,6 +46,10 @@ def expected_files(repo) -> tuple[set[str], set[str]]:
         return {LORA_WEIGHT_NAME}, set()
     if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one model at the repo's root
         return {"config.json", "diffusion_pytorch_model.safetensors"}, set()
+    if repo.components == (CONTROLNET,):  # a ControlNet: one model at the repo's root, fp16 where the real one is
+        return {"config.json", f"diffusion_pytorch_model{'.fp16' if repo.variant else ''}.safetensors"}, set()
+    if repo.components == (DEPTH_ESTIMATOR,):  # Depth Anything: the real image processor config
+        return {"config.json", "model.safetensors", "preprocessor_config.json"}, {"preprocessor_config.json"}
     verbatim = {"model_index.json", "scheduler/scheduler_config.json"}
     files = set(verbatim)
     for c in repo.components:

@@ -23,7 +23,9 @@ Steps (cap in seconds):
 7. budget (90): every mode under DEVICE_MEMORY_BUDGET=24GB: setup, the plan, the residents after the warm-up, one
    prediction per mode in an order that moves modes, the peak device memory against the budget.
 8. realtime (50): the realtime server on sd-turbo 512 (1 and 4 clients) against the engine direct.
-9. compile (120): SPEED_COMPILE=unet with the graphs at batches 1 and 2, on sd-turbo: a cold compile (fresh cache),
+9. controlnet (60): CONTROLNET=1, the cost per denoising step of one and two ControlNets against none, sdxl-turbo and
+   lcm-lora-sd15 at 512 px (lib/bench/controlnet.py).
+10. compile (120): SPEED_COMPILE=unet with the graphs at batches 1 and 2, on sd-turbo: a cold compile (fresh cache),
    its cases, then a second setup reusing the persisted cache.
 """
 
@@ -78,6 +80,7 @@ CAPS = {  # seconds per step
     "lcm-lora-sdxl": 90,
     "budget": 90,
     "realtime": 50,
+    "controlnet": 60,
     "compile": 120,
 }
 HARD_STOP_AFTER = 15  # seconds past its cap at which a step is interrupted (where it does not stop by itself)
@@ -183,7 +186,7 @@ class Check:
         return 256 if self.dry else size
 
     # -- weights -----------------------------------------------------------------------------------------------
-    def weights_for(self, modes) -> dict:
+    def weights_for(self, modes, controlnet: bool = False) -> dict:
         """The repos `modes` need (and the safety checker's) written where not yet: full size on the GPU (built
         there in fp16, one copy off the device per model, files written in background threads), tiny on the CPU."""
         from dataclasses import replace
@@ -192,7 +195,7 @@ class Check:
         from lib.testkit.models import Scale, write_weights
 
         todo = []
-        for repo in all_repos(modes, safety_checker=True):
+        for repo in all_repos(modes, safety_checker=True, controlnet=controlnet):
             missing = tuple(c for c in repo.components if (repo.repo_id, c) not in self.written)
             if (repo.repo_id, "") not in self.written and (missing or not repo.components):
                 todo.append(replace(repo, components=missing) if repo.components else repo)
@@ -232,6 +235,7 @@ class Check:
             # The warm-up's own budget stops it within the step (a step's hard stop would leave it running).
             "SPEED_WARMUP_SECONDS": str(max(10, int(self.step_left() - 30))),
             "SPEED_GRAPH_BATCHES": "",
+            "CONTROLNET": "",
         }
         if self.dry and env.get("SPEED") != "0":  # the CPU warms up and runs the graph dispatcher's static buffers
             base.update(SPEED_WARMUP="1", SPEED_CUDA_GRAPHS="unet", SPEED_GRAPH_BATCHES="1,2")
@@ -254,6 +258,19 @@ class Check:
             return [o async for o in outputs(p, **kwargs)]
 
         return self.loop.run_until_complete(gather())
+
+    def controlnet(self, result: dict) -> None:
+        """CONTROLNET=1: ms per denoising step with one and two ControlNets against none (lib/bench/controlnet.py)."""
+        from lib.bench.controlnet import measure
+
+        names = ("sdxl-turbo", "lcm-lora-sd15")
+        result["weights"] = self.weights_for(list(names), controlnet=True)
+        p = self.predictor({"ENABLED_MODES": ",".join(names), "CONTROLNET": "1"})
+        result["setup_s"] = p.setup_s
+        result["cases"] = {}
+        for name in names:
+            result["cases"][name] = measure(p.engine, name, self.size(512), 1 if self.dry else 5)
+            self.save()
 
     def inputs(self, goal: dict) -> dict:
         size = self.size(goal["size"])
@@ -808,6 +825,7 @@ def main(argv=None) -> int:
         check.step(mode, lambda r, mode=mode: check.compare(mode, r))
     check.step("budget", check.budget)
     check.step("realtime", check.realtime)
+    check.step("controlnet", check.controlnet)
     check.step("compile", check.compile)
     check.free()
     errors = [name for name, s in check.data["steps"].items() if "error" in s]

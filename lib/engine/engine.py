@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib.engine import decoding, devices, images, memory, precision, prompts, schedulers, speed
-from lib.engine.inputs import NUM_OUTPUTS_RANGE, SIZE_RANGE, InputError, Request, resolve_request
+from lib.engine import controls, decoding, devices, images, memory, precision, prompts, schedulers, speed
+from lib.engine.inputs import NUM_OUTPUTS_RANGE, SIZE_RANGE, InputError, Request, control_specs, resolve_request
 from lib.engine.loading import ComponentLoader, LoadedMode, check_present, load_modes, mode_parts
 from lib.engine.memory import Residency
 from lib.engine.modes import MODES
@@ -63,6 +63,7 @@ class Job:
     cancelled: bool = False  # set from another thread; the batch skips this job's remaining work
     lora: LoraFile | None = None  # the request's style LoRA, fetched and verified
     quiet: bool = False  # no log line of its own (the realtime server's frames: it logs per session)
+    control_maps: list[Image.Image] = field(default_factory=list)  # one per request.controls, at the output size
 
     def cancel(self) -> None:
         """From any thread: the batch writes no more of this job's images (one being written may still fail)."""
@@ -94,6 +95,7 @@ def batch_key(request: Request) -> tuple:
         request.lora_url,
         request.lora_scale if request.lora_url else None,
         request.fast_decode,
+        tuple((c.net, c.scale, c.start, c.end) for c in request.controls),  # the maps themselves may differ
     )
 
 
@@ -113,6 +115,8 @@ class Engine:
         self.speed: dict = {}  # what lib/engine/speed.py applied
         self.switches: speed.Switches | None = None
         self.prompts = PromptCache(Settings().prompt_cache_size)
+        self.depth: controls.DepthEstimator | None = None  # with ControlNet on, where a mode has ControlNets
+        self.controlnet = any(m.controlnets for m in modes.values())  # ControlNets loaded (CONTROLNET=1)
 
     @classmethod
     def load(
@@ -133,6 +137,7 @@ class Engine:
         loader = ComponentLoader(
             device, dtype, vae_dtype=lambda config: speed.vae_dtype(config, switches, dtypes, dtype)
         )
+        controlnet = Settings().controlnet
         plan = plan_memory(
             loader,
             weights_dir,
@@ -140,6 +145,7 @@ class Engine:
             Settings().safety_checker,
             speed.graph_shapes(switches, mode_names),
             switches.graph_memory,
+            controlnet,
         )
         log.info("%s", plan.describe())
         # The budget holds: beyond it, allocations fail and are retried (without DEVICE_MEMORY_BUDGET: the device).
@@ -147,7 +153,7 @@ class Engine:
         resident = {k for name in plan.resident for k in plan.mode_modules[name]}
         loader.on_device = resident.__contains__
         started = time.perf_counter()
-        modes = load_modes(weights_dir, mode_names, device, dtype, loader)
+        modes = load_modes(weights_dir, mode_names, device, dtype, loader, controlnet)
         log.info(
             "loaded %s on %s (%s) in %.1f s%s",
             ", ".join(mode_names),
@@ -158,13 +164,19 @@ class Engine:
         )
         safety = load_safety_checker(weights_dir, device, dtype)
         engine = cls(modes, device, dtype, safety, None)
+        if engine.controlnet:
+            engine.depth = controls.DepthEstimator.load(weights_dir, device, dtype)
         if switches.cuda_graphs and plan.budget is not None and plan.graph_pool < (switches.graph_memory or 2**63):
             # The plan left the graphs less than SPEED_GRAPH_MEMORY: no graph may need more than that.
             log.info("memory: CUDA graphs up to %s each (what the budget leaves)", memory.human(plan.graph_pool))
             switches = dataclasses.replace(switches, graph_memory=plan.graph_pool)
         speed.optimize(engine, switches, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
+        always = [safety.model] if safety else []
         engine.residency = Residency(
-            plan, {name: m.modules() for name, m in modes.items()}, device, [safety.model] if safety else []
+            plan,
+            {name: m.modules() for name, m in modes.items()},
+            device,
+            always + ([engine.depth.model] if engine.depth else []),
         )
         engine.residency.pin_host()
         return engine
@@ -178,14 +190,27 @@ class Engine:
         weights_dir, names = settings.weights_dir, settings.enabled_modes
         devices.choose_from_env()  # a MODEL_DEVICE this machine lacks fails now, not after the downloads
         if not settings.weights_offline:
-            ensure_weights(names, weights_dir, log=log.info, safety_checker=settings.safety_checker)
+            ensure_weights(
+                names,
+                weights_dir,
+                log=log.info,
+                safety_checker=settings.safety_checker,
+                controlnet=settings.controlnet,
+            )
         return cls.load(weights_dir, names)
 
     def request(self, **inputs) -> Request:
-        """Validate raw inputs (including reading the input image's size) into a Request."""
+        """Validate raw inputs (including reading the input and control images' sizes) into a Request. The control
+        inputs come flat, as the predictor's (control_image, control_type, control_2_scale, ...)."""
         image = inputs.get("image")
         image_size = None if image is None else images.input_image_size(image)
-        return resolve_request(enabled=self.enabled, image_size=image_size, **inputs)
+        specs = control_specs(**{k: inputs.pop(k) for k in list(inputs) if k.startswith("control_")})
+        for spec in specs:
+            if spec["image"] is not None:
+                spec["size"] = images.input_image_size(spec["image"], f"{spec['name']}_image")
+        return resolve_request(
+            enabled=self.enabled, image_size=image_size, controls=specs, controlnet=self.controlnet, **inputs
+        )
 
     def job(
         self,
@@ -194,10 +219,12 @@ class Engine:
         record: Record = lambda k, v: None,
         picture: Image.Image | None = None,
         quiet: bool = False,
+        control_pictures: list[Image.Image] | None = None,
     ) -> Job:
         """A request made ready to run, alone or in a batch: the img2img input (request.image_path, or a
-        `picture` already decoded) is fitted and the style LoRA fetched (network; the cache usually has it) here,
-        so that a bad file fails its own request only. Without `out_dir` the images are encoded in memory."""
+        `picture` already decoded) is fitted, the control maps made (from each control's file, or from
+        `control_pictures`), and the style LoRA fetched (network; the cache usually has it) here, so that a bad file
+        fails its own request only. Without `out_dir` the images are encoded in memory."""
         if request.image_path:
             picture = images.open_input_image(request.image_path)
         if request.img2img != (picture is not None):
@@ -205,12 +232,33 @@ class Engine:
         if picture is not None:
             rgb = picture if picture.mode == "RGB" else picture.convert("RGB")  # convert() copies even RGB
             picture = images.fit_image(rgb, request.width, request.height)
+        maps = self._control_maps(request, control_pictures, record)
         lora = None
         if request.lora_url:
             lora = fetch_lora(request.lora_url)
             record("timings.lora_fetch", round(lora.seconds, 4))
             record("lora_cache_hit", lora.cached)
-        return Job(request, None if out_dir is None else Path(out_dir), record, picture, lora=lora, quiet=quiet)
+        out = None if out_dir is None else Path(out_dir)
+        return Job(request, out, record, picture, lora=lora, quiet=quiet, control_maps=maps)
+
+    def _control_maps(self, request: Request, pictures, record: Record) -> list[Image.Image]:
+        """Each control's map at the output size: its image fitted as the img2img input is, then made into the map
+        its kind asks for (lib/engine/controls.py)."""
+        if not request.controls:
+            return []
+        started = time.perf_counter()
+        maps = []
+        for k, control in enumerate(request.controls):
+            if control.image_path is not None:
+                source = images.open_input_image(control.image_path, f"{control.name}_image")
+            elif pictures is not None and k < len(pictures):
+                source = pictures[k] if pictures[k].mode == "RGB" else pictures[k].convert("RGB")
+            else:
+                raise ValueError("a control without an image file needs its picture")
+            fitted = images.fit_image(source, request.width, request.height)
+            maps.append(controls.control_map(control.kind, fitted, self.depth))
+        record("timings.control_maps", round(time.perf_counter() - started, 4))
+        return maps
 
     def run(self, request: Request, out_dir: Path, record: Record = lambda k, v: None) -> Iterator[Output]:
         """Generate request.num_outputs images; yields each file as soon as it is written."""
@@ -274,11 +322,14 @@ def plan_memory(
     safety_checker: bool,
     graph_shapes: dict | None = None,
     graph_memory: int | None = None,
+    controlnet: bool = False,
 ) -> memory.Plan:
     """The memory plan from the files' sizes and the models' configs, before anything is loaded
     (lib/engine/memory.py). `graph_shapes`: per mode, the (batch entries, width, height) its UNet's CUDA graphs
-    capture; the graphs share one pool, the size of the largest, and none larger than `graph_memory` is recorded."""
-    check_present(weights_dir, mode_names)  # one message for every missing file, before any is read
+    capture; the graphs share one pool, the size of the largest, and none larger than `graph_memory` is recorded.
+    With `controlnet`, each mode's ControlNets count as its modules and the depth estimator as a module every mode
+    uses."""
+    check_present(weights_dir, mode_names, controlnet)  # one message for every missing file, before any is read
     if safety_checker:
         check_safety_weights(weights_dir)
     device = loader.device
@@ -292,7 +343,7 @@ def plan_memory(
     checker = safety_shape(weights_dir) if safety_checker else None
     sizes, mode_modules, largest, estimates = {}, {}, {}, {}
     for name in mode_names:
-        mode, parts = MODES[name], mode_parts(loader, weights_dir, MODES[name])
+        mode, parts = MODES[name], mode_parts(loader, weights_dir, MODES[name], controlnet)
         for part in parts.values():
             sizes.setdefault(part.key, memory.file_bytes(part.weights, loader.dtype_of(part)))
         mode_modules[name] = frozenset(p.key for p in parts.values())
@@ -310,6 +361,9 @@ def plan_memory(
     if safety_checker:
         sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)
         always = frozenset({"safety_checker"})
+    if controlnet and any(MODES[name].controlnets for name in mode_names):
+        sizes["depth_estimator"] = memory.file_bytes(controls.depth_estimator_file(weights_dir), loader.dtype)
+        always = always | {"depth_estimator"}
     plan = memory.make_plan(mode_modules, sizes, always, largest, budget, source, pool)
     return replace(plan, estimates=estimates)
 
@@ -354,7 +408,10 @@ class Batch:
         assert all(batch_key(j.request) == batch_key(first) for j in self.jobs), "jobs of one batch must share a key"
         self.first, self.mode = first, first.mode
         self.loaded = self.engine.modes[first.mode.name]
-        self.pipe = self.loaded.img2img if first.img2img else self.loaded.txt2img
+        if first.controls:  # the same modules, with the requests' ControlNets
+            self.pipe = self.loaded.control_pipeline(tuple(c.net for c in first.controls), first.img2img)
+        else:
+            self.pipe = self.loaded.img2img if first.img2img else self.loaded.txt2img
         self.scheduled, self.runs = first.schedule
         self.timeline = Timeline(self.engine.device)
         # Batch image k: (job, index within the job, seed).
@@ -494,7 +551,12 @@ class Batch:
                 for j in jobs
             ]
             kwargs = {"image": torch.cat(latents), "strength": first.strength}
+            if first.controls:  # the control images' size
+                kwargs.update(height=first.height, width=first.width)
             self.marks["vae_encode"] = (start, self.timeline.mark())
+        if first.controls:  # each control's map for every image of the batch
+            maps = [[j.control_maps[k] for j in jobs for _ in j.request.seeds] for k in range(len(first.controls))]
+            kwargs.update(controls.pipeline_kwargs(first.controls, maps, first.img2img))
         lora = jobs[0].lora
         started = time.perf_counter()
         # The style LoRA is on for this call only: removed on the way out, also on an error or a cancel.
@@ -608,6 +670,10 @@ class Batch:
                 "strength": r.strength if r.img2img else None,
                 "fast_decode": r.fast_decode,
             }
+            if r.controls:
+                settings["controls"] = [
+                    {"type": c.kind, "scale": c.scale, "start": c.start, "end": c.end} for c in r.controls
+                ]
             if r.fast_encode and r.img2img:
                 settings["fast_encode"] = True
             path = None if job.out_dir is None else job.out_dir / f"out-{i}-{seed}.{r.output_format}"
@@ -637,6 +703,7 @@ class Batch:
         flagged)."""
         while self.saving:
             yield from self._saved()
+        yield from self._control_map_outputs()
         shared = self._stage_seconds()
         for job in self.jobs:
             mine = [k for k, (j, _, _) in enumerate(self.images) if j is job]
@@ -664,6 +731,22 @@ class Batch:
                 )
             if flagged and len(flagged) == len(mine) and not job.cancelled:
                 yield job, AllImagesFlagged(len(flagged))
+
+    def _control_map_outputs(self) -> Iterator[tuple[Job, Output]]:
+        """With return_control_maps, each control's map as a PNG after the request's images: what guided them."""
+        for job in self.jobs:
+            r = job.request
+            if not r.return_control_maps or job.cancelled or job.out_dir is None:
+                continue
+            for k, (control, picture) in enumerate(zip(r.controls, job.control_maps, strict=True)):
+                settings = {
+                    "control": control.kind,
+                    "input": f"{control.name}_image",
+                    "width": r.width,
+                    "height": r.height,
+                }
+                path = job.out_dir / f"control-{k}-{control.kind}.png"
+                yield job, Output(images.save_image(picture, path, "png", 100, settings), r.seed, settings)
 
     def _stage_seconds(self) -> dict:
         """Every stage's duration, from the marks (the device has finished the batch by now)."""

@@ -32,45 +32,45 @@ PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
 def _label(path) -> str:
-    """The img2img input as its sender gave it: the URL or data URI Cog fetched it from (lib/cog_inputs.py), else the
+    """An input image as its sender gave it: the URL or data URI Cog fetched it from (lib/cog_inputs.py), else the
     file's name."""
     return shown(getattr(path, "source", None) or Path(path).name)
 
 
-def input_image_size(path) -> tuple[int, int]:
-    """The img2img input's upright (width, height), from its header alone: limits are checked before any
-    pixel is decoded."""
+def input_image_size(path, name: str = "image") -> tuple[int, int]:
+    """An input image's upright (width, height), from its header alone: limits are checked before any pixel is
+    decoded. `name`: the input it came as (image, control_image, ...), for messages."""
     if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"image: {shown(path)} is not a file; allowed: {IMAGE_ALLOWED}")
+        raise InputError(f"{name}: {shown(path)} is not a file; allowed: {IMAGE_ALLOWED}")
     try:
         size = Path(path).stat().st_size
         if size > MAX_INPUT_BYTES:
             raise InputError(
-                f"image: {_label(path)} is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB"
+                f"{name}: {_label(path)} is {size / 2**20:.1f} MiB; allowed: up to {MAX_INPUT_BYTES // 2**20} MiB"
             )
         with Image.open(path, formats=INPUT_FORMATS) as image:
             w, h = image.size
             rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
     except UnidentifiedImageError:
-        raise InputError(f"image: {_label(path)} is not a PNG, JPEG or WebP image; allowed: {IMAGE_ALLOWED}") from None
+        raise InputError(f"{name}: {_label(path)} is not a PNG, JPEG or WebP image; allowed: {IMAGE_ALLOWED}") from None
     except OSError as e:
         reason = e.strerror or e
-        raise InputError(f"image: {_label(path)} could not be read ({reason}); allowed: {IMAGE_ALLOWED}") from None
+        raise InputError(f"{name}: {_label(path)} could not be read ({reason}); allowed: {IMAGE_ALLOWED}") from None
     if w * h > MAX_INPUT_PIXELS:
         raise InputError(
-            f"image: {_label(path)} is {w}x{h}, too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)"
+            f"{name}: {_label(path)} is {w}x{h}, too large; allowed: up to {MAX_INPUT_PIXELS:,} pixels (e.g. 4096x4096)"
         )
     return (h, w) if rotated else (w, h)
 
 
-def open_input_image(path) -> Image.Image:
-    """The img2img input as upright RGB."""
-    input_image_size(path)
+def open_input_image(path, name: str = "image") -> Image.Image:
+    """An input image (the img2img input, a control image) as upright RGB."""
+    input_image_size(path, name)
     try:
         with Image.open(path, formats=INPUT_FORMATS) as image:
             return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
-        raise InputError(f"image: {_label(path)} could not be decoded ({e}); allowed: {IMAGE_ALLOWED}") from None
+        raise InputError(f"{name}: {_label(path)} could not be decoded ({e}); allowed: {IMAGE_ALLOWED}") from None
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -11,7 +11,7 @@ import os
 import secrets
 from dataclasses import dataclass
 
-from lib.engine.modes import DEFAULT_MODE, LCM, MODES, Mode
+from lib.engine.modes import CONTROL_KINDS, CONTROL_PIPELINE_CLASSES, DEFAULT_MODE, LCM, MODES, Mode, control_modes
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 SIZE_RANGE = (256, 2048)
@@ -25,6 +25,13 @@ MAX_URL_CHARS = 4096
 # LCMScheduler's distillation schedule has this many steps; img2img picks its steps from its first
 # `strength` fraction (the LCM pipeline) or from a full schedule (the LCM-LoRA pipelines).
 LCM_ORIGINAL_STEPS = 50
+# ControlNet (lib/engine/controls.py): up to two controls, each with its own conditioning scale and window (the
+# fractions of the denoising steps in which its ControlNet acts). 0.8 is diffusers' LCM ControlNet examples' scale.
+CONTROL_SCALE_RANGE = (0.0, 2.0)
+CONTROL_SCALE_DEFAULT = 0.8
+CONTROL_WINDOW_RANGE = (0.0, 1.0)
+CONTROL_PREFIXES = ("control", "control_2")  # the inputs' names: control_image, control_type, control_2_scale, ...
+NO_CONTROL = "none"
 
 
 class InputError(ValueError):
@@ -35,6 +42,23 @@ def shown(value, limit: int = 80) -> str:
     """A value for an error message: its repr, cut to `limit` characters (a data URI can be megabytes)."""
     text = repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control: what kind of image guides the output, how strongly, and in which part of the denoising."""
+
+    kind: str  # CONTROL_KINDS
+    image_path: str | None  # the control image's file (None: a picture handed to Engine.job)
+    scale: float
+    start: float  # fractions of the denoising steps that run
+    end: float
+    name: str = "control"  # the inputs' prefix, for messages
+
+    @property
+    def net(self) -> str:
+        """The ControlNet it drives (canny, depth)."""
+        return CONTROL_KINDS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,8 @@ class Request:
     fast_decode: bool = False  # decode with the mode's TAESD / TAESDXL instead of its VAE
     fast_encode: bool = False  # img2img: encode the input with TAESD / TAESDXL too (the realtime server)
     img2img: bool = False  # an input image comes with the request (a file, or a picture given to Engine.job)
+    controls: tuple[Control, ...] = ()  # ControlNet guidance (lib/engine/controls.py)
+    return_control_maps: bool = False  # the control maps are outputs too
 
     @property
     def seeds(self) -> list[int]:
@@ -85,6 +111,12 @@ def denoising_schedule(mode: Mode, steps: int, strength: float) -> tuple[int, in
     while int(scheduled * strength) < 1:
         scheduled = max(scheduled + 1, math.ceil(1 / strength))
     return scheduled, min(int(scheduled * strength), scheduled)
+
+
+def steps_kept(start: float, end: float, steps: int) -> int:
+    """How many of `steps` denoising steps a ControlNet acts in, by diffusers' rule (`controlnet_keep`): step i is
+    kept unless i/steps < start or (i+1)/steps > end. With 1 step any window but 0-1 keeps none."""
+    return sum(not (i / steps < start or (i + 1) / steps > end) for i in range(steps))
 
 
 def _integer(name: str, value, lo: int, hi: int) -> int:
@@ -173,13 +205,19 @@ def resolve_request(
     disable_safety_checker=False,
     fast_decode=False,
     fast_encode=False,
+    controls=(),
+    controlnet: bool = False,
+    return_control_maps=False,
 ) -> Request:
     """Check every input and fill in the mode's defaults. `image_size` is the input image's (w, h): given
-    without `image`, the picture itself comes to Engine.job (the realtime server's canvas)."""
+    without `image`, the picture itself comes to Engine.job (the realtime server's canvas). `controls`: raw control
+    specs (control_specs); `controlnet`: whether this server loaded its ControlNets (CONTROLNET=1)."""
     m = resolve_mode(DEFAULT_MODE if mode is None else mode, enabled)
     prompt = _text("prompt", prompt, required=True)
     negative_prompt = _text("negative_prompt", negative_prompt, required=False)
-    width, height = resolve_size(m, width, height, image_size)
+    img2img = image is not None or image_size is not None
+    sizes = [spec["size"] for spec in controls if spec.get("size")]
+    width, height = resolve_size(m, width, height, image_size or (sizes[0] if sizes else None))
     steps, guidance = resolve_steps(m, num_inference_steps), resolve_guidance(m, guidance_scale)
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"output_format: {output_format!r} is not a format; allowed: {', '.join(OUTPUT_FORMATS)}")
@@ -188,6 +226,10 @@ def resolve_request(
     disable_safety_checker = _switch("disable_safety_checker", disable_safety_checker)
     fast_decode = _switch("fast_decode", fast_decode)
     fast_encode = _switch("fast_encode", fast_encode)
+    strength_for_schedule = strength if img2img else 1.0
+    runs = denoising_schedule(m, steps, strength_for_schedule)[1]
+    resolved_controls = resolve_controls(m, controls, controlnet, img2img, runs)
+    return_control_maps = _switch("return_control_maps", return_control_maps)
     return Request(
         mode=m,
         prompt=prompt,
@@ -207,8 +249,83 @@ def resolve_request(
         disable_safety_checker=disable_safety_checker,
         fast_decode=fast_decode,
         fast_encode=fast_encode,
-        img2img=image is not None or image_size is not None,
+        img2img=img2img,
+        controls=resolved_controls,
+        return_control_maps=return_control_maps and bool(resolved_controls),
     )
+
+
+def control_specs(
+    control_image=None,
+    control_type="canny",
+    control_scale=CONTROL_SCALE_DEFAULT,
+    control_start=0.0,
+    control_end=1.0,
+    control_2_image=None,
+    control_2_type=NO_CONTROL,
+    control_2_scale=CONTROL_SCALE_DEFAULT,
+    control_2_start=0.0,
+    control_2_end=1.0,
+) -> list[dict]:
+    """The predictor's flat control inputs as raw specs for resolve_request (checked there). The first control is on
+    where `control_image` is given; the second where `control_2_type` is not "none", with `control_2_image`, or else
+    the first control's image (canny and depth of one photo)."""
+    specs = []
+    if control_image is not None:
+        specs.append(dict(name="control", kind=control_type, image=control_image, scale=control_scale,
+                          start=control_start, end=control_end))  # fmt: skip
+    if control_2_type != NO_CONTROL:
+        specs.append(dict(name="control_2", kind=control_2_type, image=control_2_image or control_image,
+                          scale=control_2_scale, start=control_2_start, end=control_2_end))  # fmt: skip
+    return specs
+
+
+def resolve_controls(mode: Mode, specs, controlnet: bool, img2img: bool, runs: int) -> tuple[Control, ...]:
+    """Check the control specs against the mode, the server and the denoising steps that will run."""
+    if not specs:
+        return ()
+    first = specs[0]["name"]
+    if mode.controlnets is None:
+        raise InputError(
+            f"{first}_image: mode {mode.name} has no ControlNet; allowed: a control with modes "
+            + ", ".join(control_modes())
+        )
+    if not controlnet:
+        raise InputError(
+            f"{first}_image: ControlNet is not enabled on this server; allowed: requests without a control (the "
+            "operator enables ControlNet with CONTROLNET=1)"
+        )
+    if img2img and CONTROL_PIPELINE_CLASSES[mode.family][1] is None:
+        others = [n for n in control_modes() if CONTROL_PIPELINE_CLASSES[MODES[n].family][1]]
+        raise InputError(
+            f"{first}_image: mode {mode.name} takes a control for text-to-image only (diffusers' ControlNet img2img "
+            f"pipelines do not pass its guidance embedding); allowed: no image with a control, or img2img with a "
+            f"control in modes {', '.join(others)}"
+        )
+    out = []
+    for spec in specs:
+        name = spec["name"]
+        kind = spec.get("kind")
+        if not isinstance(kind, str) or kind not in CONTROL_KINDS:
+            raise InputError(f"{name}_type: {kind!r} is not a kind of control; allowed: {', '.join(CONTROL_KINDS)}")
+        if spec.get("image") is None and spec.get("size") is None:
+            raise InputError(f"{name}_image: missing; a control of type {kind} needs an image")
+        scale = _in_range(f"{name}_scale", spec.get("scale", CONTROL_SCALE_DEFAULT), CONTROL_SCALE_RANGE)
+        start = _in_range(f"{name}_start", spec.get("start", 0.0), CONTROL_WINDOW_RANGE)
+        end = _in_range(f"{name}_end", spec.get("end", 1.0), CONTROL_WINDOW_RANGE)
+        if start >= end:
+            raise InputError(
+                f"{name}_end: {end:g} is not after {name}_start {start:g}; allowed: {name}_end > {name}_start"
+            )
+        if not steps_kept(start, end, runs):
+            raise InputError(
+                f"{name}_end: the window {start:g}-{end:g} covers none of the {runs} denoising step(s) that run, so "
+                f"the ControlNet would act in none; allowed: a window that covers at least one step (e.g. "
+                f"{name}_start 0 and {name}_end 1)"
+            )
+        image = spec.get("image")
+        out.append(Control(kind, None if image is None else str(image), scale, start, end, name))
+    return tuple(out)
 
 
 def resolve_size(mode: Mode, width, height, image_size: tuple[int, int] | None) -> tuple[int, int]:

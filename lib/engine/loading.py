@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
@@ -22,7 +22,19 @@ import transformers
 from safetensors import safe_open
 
 from lib.engine import devices
-from lib.engine.modes import LORA_WEIGHT_NAME, MODES, PIPELINE_CLASSES, TINY_VAE, Mode, Repo, repo_files, weight_file
+from lib.engine.modes import (
+    CONTROL_PIPELINE_CLASSES,
+    CONTROLNET,
+    LORA_WEIGHT_NAME,
+    MODES,
+    PIPELINE_CLASSES,
+    TINY_VAE,
+    Mode,
+    Repo,
+    control_repos,
+    repo_files,
+    weight_file,
+)
 from lib.engine.precision import needs_upcast
 from lib.engine.schedulers import sync_free
 
@@ -60,12 +72,27 @@ class LoadedMode:
     txt2img: diffusers.DiffusionPipeline
     img2img: diffusers.DiffusionPipeline
     tiny_vae: diffusers.AutoencoderTiny | None = None  # TAESD / TAESDXL: the `fast_decode` decoder
+    controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)  # net (canny, depth) -> its ControlNet
+    _control_pipes: dict = field(default_factory=dict)
 
     def modules(self) -> list[torch.nn.Module]:
         """The models this mode runs (each once): what must be on the device while it runs."""
         pipe = self.txt2img
         found = [getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
-        return list({id(m): m for m in [*found, self.tiny_vae] if m is not None}.values())
+        found += [self.tiny_vae, *self.controlnets.values()]
+        return list({id(m): m for m in found if m is not None}.values())
+
+    def control_pipeline(self, nets: tuple[str, ...], img2img: bool) -> diffusers.DiffusionPipeline:
+        """The ControlNet pipeline for these nets (one, or several as a MultiControlNetModel), around the mode's own
+        modules; built on first use and kept (a pipeline object is small: it holds references)."""
+        key = (nets, img2img)
+        if key not in self._control_pipes:
+            name = CONTROL_PIPELINE_CLASSES[self.mode.family][1 if img2img else 0]
+            modules = [self.controlnets[n] for n in nets]
+            self._control_pipes[key] = derive(
+                getattr(diffusers, name), self.txt2img, controlnet=modules[0] if len(modules) == 1 else modules
+            )
+        return self._control_pipes[key]
 
 
 def choose_device() -> torch.device:
@@ -77,11 +104,11 @@ def repo_dir(weights_dir: Path, repo: Repo) -> Path:
     return Path(weights_dir) / repo.repo_id
 
 
-def check_present(weights_dir: Path, mode_names) -> None:
+def check_present(weights_dir: Path, mode_names, controlnet: bool = False) -> None:
     """Fail with one message listing every missing file, before any loading starts."""
     missing = []
     for name in mode_names:
-        for repo in MODES[name].repos:
+        for repo in [*MODES[name].repos, *(control_repos([name]) if controlnet else [])]:
             missing += [
                 f"{repo.repo_id}/{f}" for f in repo_files(repo) if not (repo_dir(weights_dir, repo) / f).is_file()
             ]
@@ -133,15 +160,15 @@ class ComponentLoader:
     def part(
         self, repo_path: Path, repo: Repo, component: str, library: str, class_name: str, lora: str | None = None
     ) -> Part:
-        if component == TINY_VAE:  # TAESD / TAESDXL at the repo's root
+        if component in (TINY_VAE, CONTROLNET):  # TAESD / TAESDXL, a ControlNet: one model at the repo's root
             return Part(
-                ("AutoencoderTiny", repo.repo_id),
+                (class_name, repo.repo_id),
                 repo_path,
                 None,
                 "diffusers",
-                "AutoencoderTiny",
+                class_name,
                 repo.variant,
-                repo_path / "diffusion_pytorch_model.safetensors",
+                repo_path / repo_files(repo)[1],
             )
         weights = repo_path / weight_file(repo, component)
         # The UNet a LoRA is fused into is that mode's own.
@@ -200,8 +227,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> dict[str, Part]:
-    """The models `mode` runs (unet, vae, text encoders, and its TAESD as `taesd`), as parts."""
+def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode, controlnet: bool = False) -> dict[str, Part]:
+    """The models `mode` runs (unet, vae, text encoders, its TAESD as `taesd`, and with `controlnet` its ControlNets
+    as `controlnet_canny`, `controlnet_depth`), as parts."""
     path = repo_dir(weights_dir, mode.weights.repo)
     index = json.loads((path / "model_index.json").read_text())
     parts = {}
@@ -223,13 +251,19 @@ def mode_parts(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> dict[s
             "diffusers",
             "AutoencoderTiny",
         )
+    if controlnet and mode.controlnets:
+        for net in ("canny", "depth"):
+            repo = mode.controlnets.repo(net)
+            parts[f"{CONTROLNET}_{net}"] = loader.part(
+                repo_dir(weights_dir, repo), repo, CONTROLNET, "diffusers", "ControlNetModel"
+            )
     return parts
 
 
-def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedMode:
+def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode, controlnet: bool = False) -> LoadedMode:
     path = repo_dir(weights_dir, mode.weights.repo)
     index = json.loads((path / "model_index.json").read_text())
-    parts = mode_parts(loader, weights_dir, mode)
+    parts = mode_parts(loader, weights_dir, mode, controlnet)
     components = {}
     for component in mode.weights.repo.components:
         library, class_name = index[component]
@@ -250,6 +284,9 @@ def load_mode(loader: ComponentLoader, weights_dir: Path, mode: Mode) -> LoadedM
         fuse_lora(pipes.txt2img, repo_dir(weights_dir, mode.weights.lora), mode.weights.lora_file)
     if TINY_VAE in parts:
         pipes.tiny_vae = loader.load(parts[TINY_VAE])
+    for key, part in parts.items():
+        if key.startswith(f"{CONTROLNET}_"):
+            pipes.controlnets[key.removeprefix(f"{CONTROLNET}_")] = loader.load(part)
     return pipes
 
 
@@ -269,9 +306,21 @@ def assemble(mode: Mode, components: dict, force_zeros_for_empty_prompt: bool) -
     components = dict(components, scheduler=sync_free(components["scheduler"]))  # lib/engine/schedulers.py
     txt2img = txt2img_cls(**components, **{k: v for k, v in extras.items() if k in accepted})
     txt2img.set_progress_bar_config(disable=True)
-    img2img = getattr(diffusers, img2img_name).from_pipe(txt2img)  # same modules, no second copy
-    img2img.set_progress_bar_config(disable=True)
+    img2img = derive(getattr(diffusers, img2img_name), txt2img)  # same modules, no second copy
     return LoadedMode(mode, txt2img, img2img)
+
+
+def derive(cls, pipe, **modules) -> diffusers.DiffusionPipeline:
+    """A `cls` pipeline around `pipe`'s modules (plus `modules`, e.g. a controlnet): what DiffusionPipeline.from_pipe
+    does, without its closing `.to(dtype)`, which casts the shared modules in place (to float32 unless told, and to
+    one dtype for all, while an upcast VAE runs in another)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    given = {**pipe.components, **modules}
+    kwargs = {k: v for k, v in given.items() if k in accepted}
+    settings = {k: v for k, v in pipe.config.items() if k in accepted and k not in given and not k.startswith("_")}
+    new = cls(**kwargs, **settings)
+    new.set_progress_bar_config(disable=True)
+    return new
 
 
 def fuse_lora(pipe, lora_dir: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
@@ -296,8 +345,14 @@ def fuse_lora(pipe, lora_dir: Path, weight_name: str = LORA_WEIGHT_NAME) -> None
 
 
 def load_modes(
-    weights_dir: Path, mode_names, device: torch.device, dtype: torch.dtype, loader: ComponentLoader | None = None
+    weights_dir: Path,
+    mode_names,
+    device: torch.device,
+    dtype: torch.dtype,
+    loader: ComponentLoader | None = None,
+    controlnet: bool = False,
 ) -> dict[str, LoadedMode]:
-    check_present(weights_dir, mode_names)
+    """The modes' pipelines; with `controlnet`, each mode's ControlNets too (CONTROLNET=1)."""
+    check_present(weights_dir, mode_names, controlnet)
     loader = loader or ComponentLoader(device, dtype)
-    return {name: load_mode(loader, weights_dir, MODES[name]) for name in mode_names}
+    return {name: load_mode(loader, weights_dir, MODES[name], controlnet) for name in mode_names}

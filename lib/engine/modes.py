@@ -18,6 +18,13 @@ PIPELINE_CLASSES = {
     SDXL: ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
     LCM: ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"),
 }
+# With a control (lib/engine/controls.py). diffusers' ControlNet img2img pipelines never pass LCM's guidance embedding
+# (timestep_cond) to the UNet and run classifier-free guidance instead: the LCM family has no img2img with a control.
+CONTROL_PIPELINE_CLASSES = {
+    SD: ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline"),
+    SDXL: ("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline"),
+    LCM: ("StableDiffusionControlNetPipeline", None),
+}
 
 
 # The file a diffusers LoRA repo holds (the LCM-LoRAs).
@@ -130,6 +137,11 @@ class Mode:
         w = self.weights
         return tuple(r for r in (w.repo, w.lora, w.tiny_vae) if r is not None)
 
+    @property
+    def controlnets(self) -> ControlNets | None:
+        """The mode's ControlNets (CONTROLNETS, below), or None where it has none."""
+        return CONTROLNETS.get(self.name)
+
 
 SDXL_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae")
 SD_COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "unet", "vae")
@@ -214,6 +226,67 @@ DEFAULT_MODE = "sdxl-turbo"
 DEFAULT_ENABLED = tuple(name for name, m in MODES.items() if not m.opt_in)
 
 
+# -- ControlNet: loaded only where the operator enables it (CONTROLNET=1) ---------------------------------------------
+# A ControlNet repo is one diffusers model at the repo's root (config.json + diffusion_pytorch_model*.safetensors), as
+# TAESD's; the depth estimator is a transformers model with its image processor's config.
+CONTROLNET = "controlnet"
+DEPTH_ESTIMATOR = "depth_estimator"
+CANNY_NET, DEPTH_NET = "canny", "depth"
+
+
+@dataclass(frozen=True)
+class ControlNets:
+    """A base model's ControlNets, by the net a control kind drives (CONTROL_KINDS)."""
+
+    canny: Repo
+    depth: Repo
+
+    def repo(self, net: str) -> Repo:
+        return {CANNY_NET: self.canny, DEPTH_NET: self.depth}[net]
+
+    @property
+    def repos(self) -> tuple[Repo, ...]:
+        return (self.canny, self.depth)
+
+
+# The kinds of control a request may ask for: what the image is, and which net it drives.
+CONTROL_KINDS = {
+    "canny": CANNY_NET,  # a picture: its edges, found in-process by OpenCV's Canny, guide the image
+    "depth": DEPTH_NET,  # a picture: its depth, estimated in-process by Depth Anything V2 Small
+    "scribble": CANNY_NET,  # lines drawn on a light background (a sketch, the realtime canvas): the lines are the edges
+    "edge_map": CANNY_NET,  # already an edge map: white lines on black
+    "depth_map": DEPTH_NET,  # already a depth map: near is bright
+}
+# The SDXL ones are the distilled "-small" ControlNets (160M parameters: an eighth of the full SDXL ControlNet's size).
+# The canny one's fp16 file is not on the repo's main branch: its fp32 file is fetched and loaded in the model dtype.
+SDXL_CANNY = Repo("diffusers/controlnet-canny-sdxl-1.0-small", None, (CONTROLNET,), "Open RAIL++-M")
+SDXL_DEPTH = Repo("diffusers/controlnet-depth-sdxl-1.0-small", "fp16", (CONTROLNET,), "Open RAIL++-M")
+SD15_CANNY = Repo("lllyasviel/control_v11p_sd15_canny", "fp16", (CONTROLNET,), "OpenRAIL")
+SD15_DEPTH = Repo("lllyasviel/control_v11f1p_sd15_depth", "fp16", (CONTROLNET,), "OpenRAIL")
+DEPTH_ANYTHING = Repo("depth-anything/Depth-Anything-V2-Small-hf", None, (DEPTH_ESTIMATOR,), "Apache-2.0")
+DEPTH_ESTIMATOR_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+SDXL_CONTROLNETS = ControlNets(canny=SDXL_CANNY, depth=SDXL_DEPTH)
+SD15_CONTROLNETS = ControlNets(canny=SD15_CANNY, depth=SD15_DEPTH)
+# sd-turbo has none: no ControlNet for SD 2.1-base comes as safetensors under an open licence.
+CONTROLNETS: dict[str, ControlNets] = {
+    "sdxl-turbo": SDXL_CONTROLNETS,
+    "lcm-lora-sdxl": SDXL_CONTROLNETS,
+    "lcm": SD15_CONTROLNETS,
+    "lcm-lora-sd15": SD15_CONTROLNETS,
+}
+
+
+def control_modes() -> list[str]:
+    """The modes that take a control, in table order."""
+    return [name for name in MODES if name in CONTROLNETS]
+
+
+def control_repos(mode_names) -> list[Repo]:
+    """What CONTROLNET=1 adds for the given modes: their ControlNets and (where any has one) the depth estimator."""
+    repos = [r for name in mode_names if MODES[name].controlnets for r in MODES[name].controlnets.repos]
+    return list(dict.fromkeys(repos)) + ([DEPTH_ANYTHING] if repos else [])
+
+
 # -- what the table says, for the predictor's inputs and the README ------------------------------------------------
 def steps_bounds() -> tuple[int, int]:
     return min(m.steps.range[0] for m in MODES.values()), max(m.steps.range[1] for m in MODES.values())
@@ -272,11 +345,13 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def all_repos(mode_names, safety_checker: bool = False) -> list[Repo]:
+def all_repos(mode_names, safety_checker: bool = False, controlnet: bool = False) -> list[Repo]:
     """The repos the given modes need, each once, in table order; with `safety_checker`, plus the checker's
-    folders (merged into the SD 1.5 repo's components where a mode loads that repo too)."""
+    folders (merged into the SD 1.5 repo's components where a mode loads that repo too); with `controlnet`, plus
+    the modes' ControlNets and the depth estimator."""
     seen: dict[str, Repo] = {}
-    for repo in [r for name in mode_names for r in MODES[name].repos] + ([SAFETY_CHECKER] if safety_checker else []):
+    extra = ([SAFETY_CHECKER] if safety_checker else []) + (control_repos(mode_names) if controlnet else [])
+    for repo in [r for name in mode_names for r in MODES[name].repos] + extra:
         had = seen.setdefault(repo.repo_id, repo)
         if had is not repo and not set(repo.components) <= set(had.components):
             seen[repo.repo_id] = replace(
@@ -304,8 +379,10 @@ def repo_files(repo: Repo) -> list[str]:
     """Files (relative to the repo) the engine reads from `repo`: what setup() checks and the manifest lists."""
     if not repo.components:  # a LoRA repo
         return list(repo.lora_files or (LORA_WEIGHT_NAME,))
-    if repo.components == (TINY_VAE,):  # TAESD / TAESDXL: one diffusers model at the repo's root
-        return ["config.json", "diffusion_pytorch_model.safetensors"]
+    if repo.components in ((TINY_VAE,), (CONTROLNET,)):  # TAESD, a ControlNet: one diffusers model at the root
+        return ["config.json", f"diffusion_pytorch_model{f'.{repo.variant}' if repo.variant else ''}.safetensors"]
+    if repo.components == (DEPTH_ESTIMATOR,):
+        return list(DEPTH_ESTIMATOR_FILES)
     files = ["model_index.json"]
     for c in repo.components:
         if c == "scheduler":

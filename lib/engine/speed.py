@@ -17,6 +17,8 @@ Variable (default on CUDA / on the CPU): what it does.
 - SPEED_CHANNELS_LAST (1/0): UNet weights in channels_last (NHWC), the layout tensor cores want. Not the VAEs:
   their GroupNorms give NCHW back, and each norm then costs two layout copies (a VAE block measured 3.08 ms in
   channels_last against 2.75 ms without, on an H200).
+The ControlNets (CONTROLNET=1) run every denoising step beside the UNet and get what it gets: channels_last, fused QKV
+where they have attention (diffusers fuses per attention layer), and compiling and CUDA graphs with the `unet` target.
 - SPEED_FUSE_QKV (1/0): one fused QKV (self-attention) / KV (cross-attention) projection per attention; the
   separate projections are dropped (diffusers keeps both: about 2.9 GB more for all modes), and rebuilt as
   views of the fused weights only while a style LoRA needs them (lib/loras/).
@@ -234,6 +236,7 @@ def apply(
         torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     loaded = list(modes.values())
     unets = _unique(lm.txt2img.unet for lm in loaded)
+    controlnets = _unique(net for lm in loaded for net in lm.controlnets.values())  # CONTROLNET=1: as the UNets
     vaes = _unique(d for lm in loaded for d in decoders(lm))
     texts = _unique(e for lm in loaded for e in text_encoders(lm))
     report: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "switches": asdict(switches)}
@@ -245,19 +248,19 @@ def apply(
             v.to(target)
         report["vae_dtype"][type(v).__name__] = str(target).removeprefix("torch.")
 
-    attention_modules = [m for m in unets + vaes if hasattr(m, "set_attn_processor")]
+    attention_modules = [m for m in unets + controlnets + vaes if hasattr(m, "set_attn_processor")]
     report["projections_dropped"] = 0
     if not switches.sdpa:
         for m in attention_modules:
             m.set_attn_processor(AttnProcessor())
     elif switches.fuse_qkv:
         for m in attention_modules:
-            if hasattr(m, "fuse_qkv_projections") and m.attn_processors:
+            if m.attn_processors:
                 report["projections_dropped"] += fuse_projections(m)
     if switches.channels_last:
-        for m in unets:
+        for m in unets + controlnets:
             m.to(memory_format=torch.channels_last)
-    report["attention"] = attention_report(unets + vaes + texts)
+    report["attention"] = attention_report(unets + controlnets + vaes + texts)
 
     resident = list(modes) if resident is None else [name for name in modes if name in set(resident)]
     report["static"] = install_static(modes, resident, device, switches)
@@ -275,6 +278,7 @@ def static_targets(loaded) -> list[tuple[str, str, torch.nn.Module, int | None]]
     and compile apply to. The engine encodes each prompt and each img2img input alone: batch 1."""
     name = loaded.mode.name
     found = [("unet", f"{name} UNet", loaded.txt2img.unet, None)]
+    found += [("unet", f"{name} {net} ControlNet", module, None) for net, module in loaded.controlnets.items()]
     for decoder in decoders(loaded):
         kind = "TAESD" if decoder is loaded.tiny_vae else "VAE"
         found.append(("vae", f"{name} {kind} decoder", decoder.decoder, None))
@@ -360,7 +364,18 @@ def compile_stats() -> dict:
 def fuse_projections(model) -> int:
     """Fused QKV (self-attention) / KV (cross-attention) projections, with the separate ones dropped: diffusers
     keeps both, which would hold every projection twice. Returns how many projections were dropped."""
-    model.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA), which reads only the fused layers
+    from diffusers import ControlNetModel
+
+    if not isinstance(model, ControlNetModel):
+        model.fuse_qkv_projections()  # sets FusedAttnProcessor2_0 (SDPA), which reads only the fused layers
+    else:  # its inherited fuse_qkv_projections skips the classic Attention layers: fuse them one by one
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            layer.fuse_projections(fuse=True)
+        if layers:
+            model.set_attn_processor(FusedAttnProcessor2_0())
     dropped = 0
     for attn in fused_attentions(model):
         for name in separate_projections(attn):
@@ -534,6 +549,20 @@ def _warm_up_jobs(engine, name: str, img2img: bool, sizes, image_module, tmp: st
             disable_safety_checker=True,
         )
         jobs.append(engine.job(request, tmp, picture=image_module.new("RGB", (size, size), (128, 128, 128))))
+    if loaded.controlnets:  # CONTROLNET=1: the ControlNet path too, recorded before a request
+        request = resolve_request(
+            enabled=engine.enabled,
+            prompt="warm-up",
+            mode=name,
+            seed=0,
+            width=size,
+            height=size,
+            controls=[{"name": "control", "kind": "edge_map", "size": (size, size)}],
+            controlnet=True,
+            disable_safety_checker=True,
+        )
+        grey = image_module.new("RGB", (size, size), (128, 128, 128))
+        jobs.append(engine.job(request, tmp, control_pictures=[grey]))
     return jobs
 
 

@@ -35,7 +35,12 @@ PARAMS = {
     "seed": 0,
     "fast_decode": True,  # TAESD / TAESDXL for the img2img encode and the decode, where the mode has one
     "img2img": False,  # frames from the latest picture (painting, webcam) rather than from the prompt alone
+    # With img2img: "none" starts each frame from the picture; a kind of control (REALTIME_CONTROLS) makes the picture
+    # guide the mode's ControlNet instead (its painted lines as the layout), the frame starting from noise.
+    "control": "none",
 }
+# The kinds of control the page offers for its picture (where the server runs with CONTROLNET=1 and the mode has them).
+REALTIME_CONTROLS = ("scribble", "canny", "depth")
 
 
 def first_mode(enabled: tuple[str, ...]) -> str:
@@ -52,8 +57,11 @@ def is_empty(prompt) -> bool:
     return isinstance(prompt, str) and not prompt.strip()
 
 
-def hello(enabled: tuple[str, ...], tiny_vae: dict[str, bool], settings, safety_checker: bool) -> dict:
-    """The first message: what the page's controls may offer, from the mode table (enabled modes only)."""
+def hello(
+    enabled: tuple[str, ...], tiny_vae: dict[str, bool], settings, safety_checker: bool, controlnet: bool = False
+) -> dict:
+    """The first message: what the page's controls may offer, from the mode table (enabled modes only); `controlnet`:
+    whether the server loaded its ControlNets."""
     modes = []
     for name in enabled:
         m = MODES[name]
@@ -66,6 +74,7 @@ def hello(enabled: tuple[str, ...], tiny_vae: dict[str, bool], settings, safety_
                 "fast_decode": tiny_vae[name],
                 "non_commercial": m.weights.repo.licence == NON_COMMERCIAL,
                 "licence": m.weights.repo.licence,
+                "controls": list(REALTIME_CONTROLS) if controlnet and m.controlnets else [],
             }
         )
     lo, hi = inputs.STRENGTH_RANGE
@@ -98,9 +107,12 @@ def parse_settings(text: str) -> dict:
     return changes
 
 
-def build_request(params: dict, enabled: tuple[str, ...], frame_format: str, quality: int) -> Request | None:
+def build_request(
+    params: dict, enabled: tuple[str, ...], frame_format: str, quality: int, controlnet: bool = False
+) -> Request | None:
     """The frame's request at the mode's fixed size, or None while the prompt is empty (nothing to draw; the other
-    settings are checked all the same)."""
+    settings are checked all the same). With img2img and a control, the picture guides the ControlNet (Engine.job's
+    `control_pictures`) and the frame is text-to-image."""
     prompt = params["prompt"]
     empty = is_empty(prompt)
     mode = params["mode"] or first_mode(enabled)
@@ -108,6 +120,10 @@ def build_request(params: dict, enabled: tuple[str, ...], frame_format: str, qua
     img2img = params["img2img"]
     if not isinstance(img2img, bool):
         raise InputError(f"img2img: {img2img!r} is not true or false")
+    control = params.get("control", "none")  # a caller of its own (the benchmark) may leave it out
+    if control != "none" and control not in REALTIME_CONTROLS:
+        raise InputError(f"control: {control!r} is not allowed; allowed: none, {', '.join(REALTIME_CONTROLS)}")
+    guided = img2img and control != "none"
     fast = params["fast_decode"]
     request = resolve_request(
         enabled=enabled,
@@ -117,12 +133,14 @@ def build_request(params: dict, enabled: tuple[str, ...], frame_format: str, qua
         height=size,
         num_inference_steps=params["num_inference_steps"],
         seed=params["seed"],
-        image_size=(size, size) if img2img else None,
+        image_size=(size, size) if img2img and not guided else None,
+        controls=[{"name": "control", "kind": control, "size": (size, size)}] if guided else (),
+        controlnet=controlnet,
         strength=params["strength"],
         output_format=frame_format,
         output_quality=quality,
         fast_decode=fast,
-        fast_encode=fast if img2img else False,
+        fast_encode=fast if img2img and not guided else False,
     )
     return None if empty else request
 

@@ -69,7 +69,13 @@ class Session:
 
     def hello(self) -> dict:
         tiny = {name: self.engine.modes[name].tiny_vae is not None for name in self.enabled}
-        return protocol.hello(self.enabled, tiny, self.settings, safety_checker=self.engine.safety is not None)
+        return protocol.hello(
+            self.enabled,
+            tiny,
+            self.settings,
+            safety_checker=self.engine.safety is not None,
+            controlnet=self.engine.controlnet,
+        )
 
     # -- receiving: runs for every message, on the event loop ------------------------------------------------------
     async def receive(self, text: str | None, data: bytes | None) -> None:
@@ -99,7 +105,7 @@ class Session:
                     return  # kept for when img2img is turned on; no frame of its own
             else:
                 params = {**self.params, **protocol.parse_settings(text or "")}
-                protocol.build_request(params, self.enabled, self.format, self.quality)  # checked now, run later
+                self._build(params)  # checked now, run later
                 self.params = params
         except InputError as e:
             await self.error(number, str(e))
@@ -132,8 +138,10 @@ class Session:
 
     async def _frame(self, work: Work) -> None:
         try:
-            request = protocol.build_request(work.params, self.enabled, self.format, self.quality)
-            if request.img2img:  # decoding a picture takes a few ms: off the event loop (other frames may wait for it)
+            request = self._build(work.params)
+            if (
+                work.picture is not None
+            ):  # decoding a picture takes a few ms: off the event loop (other frames may wait)
                 with self.batcher.incoming(request):
                     job = await asyncio.to_thread(self._job, request, work.picture)
             else:
@@ -165,6 +173,7 @@ class Session:
             "height": request.height,
             "num_inference_steps": request.num_inference_steps,
             "img2img": request.img2img,
+            "control": request.controls[0].kind if request.controls else None,
             "strength": request.strength if request.img2img else None,
             "fast_decode": request.fast_decode,
             "bytes": len(output.data),
@@ -173,12 +182,17 @@ class Session:
             await self._send_text(meta)
             await self._send_bytes(output.data)
 
+    def _build(self, params: dict) -> Request | None:
+        return protocol.build_request(params, self.enabled, self.format, self.quality, self.engine.controlnet)
+
     def _job(self, request: Request, picture: bytes | None) -> Job:
         image = None
         if picture is not None:  # decoded once, however many frames start from it (typing over a painting)
             if self._decoded is None or self._decoded[0] is not picture:
                 self._decoded = (picture, protocol.decode_picture(picture))
             image = self._decoded[1]
+        if request.controls:  # the picture guides the ControlNet
+            return self.engine.job(request, None, control_pictures=[image], quiet=True)
         return self.engine.job(request, None, picture=image, quiet=True)
 
     # -- replies and figures ---------------------------------------------------------------------------------------

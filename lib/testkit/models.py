@@ -42,6 +42,9 @@ from safetensors.torch import save_file
 
 from lib import CONFIGS
 from lib.engine.modes import (
+    CONTROLNET,
+    CONTROLNETS,
+    DEPTH_ESTIMATOR,
     LORA_WEIGHT_NAME,
     MODES,
     SAFETY_CHECKER,
@@ -428,10 +431,111 @@ def write_tiny_vae_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list
     return save_model(model, config, repo_dir, "diffusers", repo.variant)
 
 
+# ControlNets: the real config shrunk like the UNet they steer (same blocks, widths and cross-attention width, so that
+# their residuals fit it); the conditioning embedding keeps its four stages (the image is 8x the latent).
+CONTROLNET_CONDITIONING_CHANNELS = [4, 8, 8, 16]
+CONTROLNET_ZERO_STD = 0.1  # the zero-initialised output convolutions get values, so that a control changes the image
+
+
+def controlnet_base(repo: Repo) -> Repo:
+    """The pipeline repo whose UNet a ControlNet repo steers, from the mode table."""
+    return next(MODES[name].weights.repo for name, nets in CONTROLNETS.items() if repo in nets.repos)
+
+
+def controlnet_config(repo: Repo, scale: Scale = TINY) -> dict:
+    config = real_config(repo.repo_id, "config.json")
+    if scale.full:
+        return config
+    unet = unet_config(controlnet_base(repo))
+    config.update(
+        block_out_channels=unet["block_out_channels"],
+        layers_per_block=unet["layers_per_block"],
+        down_block_types=[config["down_block_types"][0], config["down_block_types"][-1]],
+        attention_head_dim=[2, 4] if isinstance(config["attention_head_dim"], list) else 2,
+        cross_attention_dim=unet["cross_attention_dim"],
+        conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS,
+    )
+    if isinstance(config.get("transformer_layers_per_block"), list):
+        layers = config["transformer_layers_per_block"]
+        config["transformer_layers_per_block"] = [min(layers[0], 1), min(layers[-1], 2)]
+    if config.get("addition_embed_type") == "text_time":
+        config.update(
+            addition_time_embed_dim=unet["addition_time_embed_dim"],
+            projection_class_embeddings_input_dim=unet["projection_class_embeddings_input_dim"],
+        )
+    return config
+
+
+def build_controlnet(repo: Repo, scale: Scale = TINY, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
+    config = controlnet_config(repo, scale)
+    model = build("diffusers", "ControlNetModel", config, seed(repo.repo_id, CONTROLNET), scale, dtype=dtype)
+    if not scale.full:  # trained ControlNets have non-zero output convolutions; an untrained one has no effect
+        generator = torch.Generator().manual_seed(seed(repo.repo_id, "zero-convs"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                    p.copy_(torch.randn(p.shape, generator=generator) * CONTROLNET_ZERO_STD)
+    return model
+
+
+def write_controlnet_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """A ControlNet: config.json + diffusion_pytorch_model[.fp16].safetensors at the repo's root."""
+    model = build_controlnet(repo, scale)
+    return save_model(model, controlnet_config(repo, scale), repo_dir, "diffusers", repo.variant)
+
+
+# Depth Anything V2 Small, shrunk: a 4-layer DINOv2 backbone of width 32 and a narrow DPT head (the real image
+# processor config, unchanged: it resizes to 518 px, and the backbone interpolates its position embeddings).
+DEPTH_BACKBONE_SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    out_indices=[1, 2, 3, 4],
+    out_features=["stage1", "stage2", "stage3", "stage4"],
+)
+DEPTH_HEAD_SIZES = dict(
+    reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 16, 32], fusion_hidden_size=16, head_hidden_size=8
+)
+
+
+def depth_estimator_config(repo: Repo, scale: Scale = TINY) -> dict:
+    config = real_config(repo.repo_id, "config.json")
+    if scale.full:
+        return config
+    return {**config, **DEPTH_HEAD_SIZES, "backbone_config": {**config["backbone_config"], **DEPTH_BACKBONE_SIZES}}
+
+
+def build_depth_estimator(repo: Repo, scale: Scale = TINY, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    config = depth_estimator_config(repo, scale)
+    return build(
+        "transformers",
+        "DepthAnythingForDepthEstimation",
+        config,
+        seed(repo.repo_id, DEPTH_ESTIMATOR),
+        scale,
+        factory=lambda: transformers.DepthAnythingForDepthEstimation(
+            transformers.DepthAnythingConfig.from_dict(config)
+        ),
+        dtype=dtype,
+    )
+
+
+def write_depth_estimator_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
+    """Depth Anything: config.json, model.safetensors (fp32, as the real file) and the real preprocessor_config.json."""
+    model = build_depth_estimator(repo, scale)
+    written = save_model(model, depth_estimator_config(repo, scale), repo_dir, "transformers", repo.variant)
+    return written + [copy_real(repo.repo_id, "preprocessor_config.json", repo_dir)]
+
+
 def write_repo(repo: Repo, repo_dir: Path, scale: Scale = TINY) -> list[Path]:
     """One repo's files under repo_dir (= WEIGHTS_DIR/<repo_id>); returns the paths written (repo_dir/...)."""
     if repo.components == (TINY_VAE,):
         return write_tiny_vae_repo(repo, repo_dir, scale)
+    if repo.components == (CONTROLNET,):
+        return write_controlnet_repo(repo, repo_dir, scale)
+    if repo.components == (DEPTH_ESTIMATOR,):
+        return write_depth_estimator_repo(repo, repo_dir, scale)
     return (write_pipeline_repo if repo.components else write_lora_repo)(repo, repo_dir, scale)
 
 
@@ -443,7 +547,7 @@ def write_weights(out_dir: Path, scale: Scale = TINY, repos=None, background: bo
 
     out_dir = Path(out_dir)
     written = []
-    repos = all_repos(MODES, safety_checker=True) if repos is None else repos
+    repos = all_repos(MODES, safety_checker=True, controlnet=True) if repos is None else repos
     with ThreadPoolExecutor(2, thread_name_prefix="weights") as pool:
         _writes = _Writes(pool) if (scale.full if background is None else background) else None
         try:

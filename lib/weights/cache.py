@@ -120,6 +120,7 @@ def ensure_weights(
     log: Log = print,
     tuning: Tuning | None = None,
     safety_checker: bool = False,
+    controlnet: bool = False,
 ) -> dict:
     """Make weights_dir hold every file the modes need, verified; fetch what is missing or wrong.
 
@@ -131,7 +132,7 @@ def ensure_weights(
     manifest_path = manifest_path_from_env(manifest_path)
     manifest, lock = load_manifest(manifest_path), Lock(lock_path(manifest_path))
     cache = Cache(weights_dir)
-    entries = plan(mode_names, manifest, lock, manifest_path, safety_checker)
+    entries = plan(mode_names, manifest, lock, manifest_path, safety_checker, controlnet)
     report = {"files": len(entries), "downloaded": 0, "linked": 0, "rehashed": 0, "bytes": 0}
     if Settings().weights_offline:
         _check_present(entries, cache)
@@ -157,14 +158,20 @@ def ensure_weights(
 
 
 def verify_weights(
-    mode_names, weights_dir, full: bool = False, *, manifest_path=None, safety_checker: bool = False
+    mode_names,
+    weights_dir,
+    full: bool = False,
+    *,
+    manifest_path=None,
+    safety_checker: bool = False,
+    controlnet: bool = False,
 ) -> dict:
     """Check the modes' files without fetching. Cheap (markers) by default; full=True rehashes every file
     and re-marks those that match (or unmarks those that do not). Returns {"files", "bytes", "problems"}."""
     manifest_path = manifest_path_from_env(manifest_path)
     manifest, lock = load_manifest(manifest_path), Lock(lock_path(manifest_path))
     cache = Cache(weights_dir)
-    entries = plan(list(mode_names), manifest, lock, manifest_path, safety_checker)
+    entries = plan(list(mode_names), manifest, lock, manifest_path, safety_checker, controlnet)
     problems, total = [], 0
     for e in entries:
         p = cache.path(e)

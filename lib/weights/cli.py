@@ -15,7 +15,8 @@
                                     the revisions and pins it has (new files get null: trusted on first download)
 
 Modes default to ENABLED_MODES (comma-separated), else all; the safety checker's files are included unless
-SAFETY_CHECKER=0. WEIGHTS_DIR defaults to the project's weights/ folder, as for setup().
+SAFETY_CHECKER=0, and the ControlNets' and the depth estimator's where CONTROLNET=1. WEIGHTS_DIR defaults to the
+project's weights/ folder, as for setup().
 """
 
 from __future__ import annotations
@@ -56,14 +57,18 @@ def log(line: str) -> None:
 
 
 def cmd_fetch(args) -> int:
-    report = ensure_weights(args.modes, Settings().weights_dir, log=log, safety_checker=Settings().safety_checker)
+    s = Settings()
+    report = ensure_weights(
+        args.modes, s.weights_dir, log=log, safety_checker=s.safety_checker, controlnet=s.controlnet
+    )
     print(json.dumps(report))
     return 0
 
 
 def cmd_verify(args) -> int:
+    s = Settings()
     report = verify_weights(
-        args.modes, Settings().weights_dir, full=args.full, safety_checker=Settings().safety_checker
+        args.modes, s.weights_dir, full=args.full, safety_checker=s.safety_checker, controlnet=s.controlnet
     )
     for p in report["problems"]:
         print(p)
@@ -79,11 +84,11 @@ def cmd_status(args) -> int:
     manifest, lock = load_manifest(path), Lock(lock_path(path))
     cache = Cache(Settings().weights_dir)
     print(f"cache {cache.root}, manifest {path}")
-    checker = Settings().safety_checker
+    checker, controlnet = Settings().safety_checker, Settings().controlnet
     by_repo: dict[str, list] = {}
-    for e in plan(args.modes, manifest, lock, path, checker):
+    for e in plan(args.modes, manifest, lock, path, checker, controlnet):
         by_repo.setdefault(e.repo_id, []).append(e)
-    for repo in all_repos(args.modes, checker):
+    for repo in all_repos(args.modes, checker, controlnet):
         entries = by_repo[repo.repo_id]
         verified = [e for e in entries if cache.verified(e)]
         present = [e for e in entries if cache.path(e).is_file()]
@@ -103,7 +108,7 @@ def cmd_mirror(args) -> int:
     path = manifest_path_from_env()
     manifest, out = load_manifest(path), Path(args.dir)
     base, token = hub_from_env()
-    entries = plan(args.modes, manifest, Lock(lock_path(path)), path, Settings().safety_checker)
+    entries = plan(args.modes, manifest, Lock(lock_path(path)), path, Settings().safety_checker, Settings().controlnet)
     downloader = Downloader(Tuning.from_env(), token=token, log=log)
     try:
         resolved, mismatches = resolve(entries, base, downloader, path)
@@ -141,7 +146,7 @@ def cmd_mirror(args) -> int:
 
 
 def cmd_pin(args) -> int:
-    repos = args.repos or [r.repo_id for r in all_repos(args.modes, Settings().safety_checker)]
+    repos = args.repos or [r.repo_id for r in all_repos(args.modes, Settings().safety_checker, Settings().controlnet)]
     report = pin(repos, revision=args.revision, log=log)
     print(json.dumps(report, indent=1))
     return 0
@@ -152,7 +157,7 @@ def build_manifest(old: dict | None) -> dict:
     null for files it does not have."""
     old_repos = (old or {}).get("repos", {})
     repos = {}
-    for repo in all_repos(MODES, safety_checker=True):
+    for repo in all_repos(MODES, safety_checker=True, controlnet=True):
         was = old_repos.get(repo.repo_id, {})
         files = {p: was.get("files", {}).get(p) or {"size": None, "sha256": None} for p in repo_files(repo)}
         repos[repo.repo_id] = {"revision": was.get("revision", "main"), "files": files}

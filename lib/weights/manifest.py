@@ -155,10 +155,10 @@ def write_manifest(path: Path, data: dict) -> None:
 
 
 def manifest_for_tree(root: Path, revision: str = "main") -> dict:
-    """A manifest of every mode's repos (and the safety checker's files) from files laid out as
+    """A manifest of every mode's repos (the safety checker's files and the ControlNets too) from files laid out as
     root/<repo_id>/<path>, measured."""
     repos = {}
-    for repo in all_repos(MODES, safety_checker=True):
+    for repo in all_repos(MODES, safety_checker=True, controlnet=True):
         files = {}
         for path in repo_files(repo):
             f = Path(root) / repo.repo_id / path
@@ -201,13 +201,16 @@ def manifest_entries(repo_ids, manifest: dict, lock: Lock) -> list[Entry]:
     return out
 
 
-def plan(mode_names, manifest: dict, lock: Lock, manifest_path: Path, safety_checker: bool = False) -> list[Entry]:
+def plan(
+    mode_names, manifest: dict, lock: Lock, manifest_path: Path, safety_checker: bool = False, controlnet: bool = False
+) -> list[Entry]:
     """The files the given modes need (their repos only; with `safety_checker`, also the checker's files but not
-    the rest of its repo), checking the manifest covers what the engine loads."""
+    the rest of its repo; with `controlnet`, their ControlNets and the depth estimator), checking the manifest covers
+    what the engine loads."""
     unknown = [m for m in mode_names if m not in MODES]
     if unknown:
         raise WeightsError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
-    repos = all_repos(mode_names, safety_checker)
+    repos = all_repos(mode_names, safety_checker, controlnet)
     for repo in repos:
         spec = manifest["repos"].get(repo.repo_id)
         lacking = [f for f in repo_files(repo) if spec is None or f not in spec["files"]]

@@ -118,8 +118,20 @@ function showStats() {
   $("stats").textContent = parts.join(" · ");
 }
 
+// What the page's control choices are called (the server's `controls` per mode decides which are offered).
+const CONTROL_LABELS = {
+  none: "the start (img2img)",
+  scribble: "a layout: its lines (scribble ControlNet)",
+  canny: "a layout: its edges (canny ControlNet)",
+  depth: "a layout: its depth (depth ControlNet)",
+};
+
 function showFrameInfo(meta) {
-  const how = meta.img2img ? `img2img, strength ${meta.strength}` : "from the prompt";
+  const how = meta.control
+    ? `guided by ${meta.control}`
+    : meta.img2img
+      ? `img2img, strength ${meta.strength}`
+      : "from the prompt";
   const steps = `${meta.num_inference_steps} step${meta.num_inference_steps === 1 ? "" : "s"}`;
   $("frame-info").textContent =
     `${meta.mode} · ${how} · ${steps} · seed ${meta.seed} · ${meta.width}×${meta.height} · “${meta.prompt}”`;
@@ -165,6 +177,11 @@ function applyMode() {
   fast.disabled = !m.fast_decode;
   fast.checked = m.fast_decode;
   $("licence").textContent = m.non_commercial ? `${m.title}: ${m.licence}.` : "";
+  const control = $("control");
+  const kept = control.value;
+  const kinds = ["none", ...m.controls];
+  control.replaceChildren(...kinds.map((k) => new Option(CONTROL_LABELS[k], k, false, k === kept)));
+  control.disabled = m.controls.length === 0;
   resizeCanvas(m.size);
 }
 
@@ -177,6 +194,7 @@ function settings() {
     seed: Number($("seed").value),
     fast_decode: $("fast-decode").checked && !$("fast-decode").disabled,
     img2img: source() !== "text",
+    control: $("control").value || "none",
   };
 }
 
@@ -192,6 +210,10 @@ $("steps").addEventListener("input", settingsChanged);
 $("strength").addEventListener("input", settingsChanged);
 $("seed").addEventListener("input", settingsChanged);
 $("fast-decode").addEventListener("change", settingsChanged);
+$("control").addEventListener("change", () => {
+  settingsChanged();
+  queuePicture();
+});
 $("mode").addEventListener("change", () => {
   applyMode();
   settingsChanged();
@@ -231,6 +253,12 @@ function canvasPoint(event) {
 
 canvas.addEventListener("pointerdown", (event) => {
   canvas.setPointerCapture(event.pointerId);
+  if (source() !== "canvas") {
+    // Painting makes the painting the source at once: a new user's first strokes give frames.
+    document.querySelector("input[name=source][value=canvas]").checked = true;
+    stopWebcam();
+    settingsChanged();
+  }
   state.painting = canvasPoint(event);
   stroke(state.painting);
 });
