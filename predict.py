@@ -35,7 +35,7 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         self.engine = Engine.from_env()
         self.batcher = Batcher(self.engine)
-        cog_inputs.install(self.run)  # `image`: only what Cog fetched for the request (lib/cog_inputs.py)
+        cog_inputs.install()  # file inputs: only what Cog fetched for the request (lib/cog_inputs.py)
         self.outputs = Outputs.from_env()  # output files: removed once Cog has read them (lib/cog_outputs.py)
         if self.engine.switches.warmup:  # on the thread that will serve the predictions
             self.batcher.warm_up()

@@ -11,7 +11,8 @@ the real server.
 install() puts this module's versions of those two steps in their place, in the process that runs the predictor
 (setup): the same work, plus
 - errors that name the input, show the value and say what is allowed (cog's own say only "Incorrect padding" or
-  "404 Client Error"; the server reports them as "Input validation error: image: ...");
+  "404 Client Error", and name no input): a value they cannot fetch becomes a `Refused` path that received(), in
+  run(), turns into an InputError naming the input (cog tells these steps the value only, not the input);
 - a download capped at MAX_INPUT_BYTES (cog's copies any size onto the disk);
 - the file as a `Received` path, a type that no value of a request can have: received() accepts it and refuses
   anything else, so a string that merely names a Cog download, another request's file or an output is refused.
@@ -45,10 +46,26 @@ class Received(cog.types.Path):
     source: str = ""
 
 
+class Refused(cog.types.Path):
+    """What the installed steps hand run() for a URL or data URI they could not fetch: no file, the reason. cog tells
+    those steps the value only, not which input it is for, so the error is raised by received(), which knows."""
+
+    source: str = ""
+    problem: str = ""
+
+    @classmethod
+    def of(cls, source: str, problem: str) -> Refused:
+        refused = cls(os.devnull)
+        refused.source, refused.problem = source, problem
+        return refused
+
+
 def received(name: str, value) -> Received | None:
     """`value` if Cog fetched it for this request; None stays None; anything else is an InputError naming `name`."""
     if value is None or isinstance(value, Received):
         return value
+    if isinstance(value, Refused):
+        raise InputError(f"{name}: {shown(value.source)} {value.problem}; allowed: {IMAGE_ALLOWED}")
     if isinstance(value, str) and value.startswith(SCHEMES):  # a caller in-process that skipped the fetch
         raise InputError(f"{name}: {shown(value)} was not fetched (in-process, lib.local.collect fetches as Cog does)")
     if isinstance(value, (str, os.PathLike)):
@@ -83,15 +100,12 @@ def file_inputs(run) -> list[str]:
     ]
 
 
-def install(run) -> None:
+def install() -> None:
     """Replace cog's validate and convert steps for `Path` inputs in this process (idempotent)."""
-    names = file_inputs(run)
-    label = " or ".join(names) or "file input"
     with _lock:
         if not _installed:
             _installed["validate"] = cog.types.Path.validate.__func__
             _installed["convert"] = cog.types.URLPath.convert
-        _installed["label"] = label
         cog.types.Path.validate = classmethod(_validate)
         cog.types.URLPath.convert = _convert
 
@@ -105,13 +119,12 @@ def _validate(cls, value):
             problem = f"is not a valid data URI ({reason})"
         else:
             problem = f"is not valid ({e})"
-        raise InputError(f"{_installed['label']}: {shown(value)} {problem}; allowed: {IMAGE_ALLOWED}") from None
+        return Refused.of(value, problem)
 
 
-def _convert(self: cog.types.URLPath) -> Received:
+def _convert(self: cog.types.URLPath) -> Received | Refused:
     """cog's URLPath.convert (same file, same name, same cleanup by Cog after the prediction), capped in size."""
     if self._path is None:
-        label = _installed["label"]
         fd, name = tempfile.mkstemp(suffix=self.filename)
         try:
             with os.fdopen(fd, "wb") as dest:
@@ -119,18 +132,12 @@ def _convert(self: cog.types.URLPath) -> Received:
                 while chunk := self.fileobj.read(CHUNK):
                     copied += len(chunk)
                     if copied > MAX_INPUT_BYTES:
-                        raise InputError(
-                            f"{label}: {shown(self.source)} is larger than {MAX_INPUT_BYTES // 2**20} MiB; "
-                            f"allowed: {IMAGE_ALLOWED}"
-                        )
+                        os.unlink(name)
+                        return Refused.of(self.source, f"is larger than {MAX_INPUT_BYTES // 2**20} MiB")
                     dest.write(chunk)
-        except InputError:
-            os.unlink(name)
-            raise
         except Exception as e:
             os.unlink(name)
-            problem = f"could not download {shown(self.source)} ({str(e)[:300]})"
-            raise InputError(f"{label}: {problem}; allowed: {IMAGE_ALLOWED}") from None
+            return Refused.of(self.source, f"could not be downloaded ({str(e)[:300]})")
         path = Received(name)
         path.source = self.source
         self._path = path
@@ -148,5 +155,6 @@ def fetch(value):
     """What coglet hands run() for `value` sent to a `Path` input: a URL or data URI fetched (remove the file
     when done), anything else as it is."""
     if isinstance(value, str) and value.startswith(SCHEMES):
-        return cog.types.Path.validate(value).convert()
+        checked = cog.types.Path.validate(value)
+        return checked.convert() if isinstance(checked, cog.types.URLPath) else checked
     return value

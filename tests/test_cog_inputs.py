@@ -57,12 +57,10 @@ def failure(server: CogServer, **input) -> str:
 
 
 def named_image(error: str) -> str:
-    """The message after the server's prefix ("... InputError: " from run(), "Input validation error: " from the
-    fetch), which must start with the input's name."""
-    for prefix in ("InputError: ", "Input validation error: "):
-        if prefix in error:
-            return error.split(prefix, 1)[1]
-    return error
+    """The message after the server's prefix ("... InputError: ", from run()), which must start with the input's
+    name (a value Cog could not fetch too: run() reports it, naming the input)."""
+    assert "InputError: " in error, error
+    return error.split("InputError: ", 1)[1]
 
 
 # -- a file on the server is never an input ---------------------------------------------------------------------------
@@ -119,8 +117,8 @@ BAD_IMAGES = [
     pytest.param(data_uri(b"just some text", "text/plain"), "is not a PNG, JPEG or WebP image", id="text"),
     pytest.param(data_uri(encoded("GIF"), "image/gif"), "is not a PNG, JPEG or WebP image", id="a-gif"),
     pytest.param(data_uri(noise()[:2000]), "truncated", id="truncated"),
-    pytest.param("@404", "could not download", id="url-404"),
-    pytest.param("http://127.0.0.1:9/photo.png", "could not download", id="url-refused"),
+    pytest.param("@404", "could not be downloaded (404", id="url-404"),
+    pytest.param("http://127.0.0.1:9/photo.png", "could not be downloaded (", id="url-refused"),
 ]
 
 
@@ -134,9 +132,15 @@ def test_every_bad_image_is_an_error_naming_image_and_what_is_allowed(server, va
         assert server.settled_status() == "READY"
         return
     message = named_image(failure(server, image=value))
-    assert message.startswith(f"image: {shown(value)}") or message.startswith("image: could not download"), message
+    assert message.startswith(f"image: {shown(value)}"), message
     assert problem in message and IMAGE_ALLOWED in message, message
     assert len(message) < 1000, message  # a long value is shortened
+
+
+def test_a_control_image_that_cannot_be_fetched_is_named_as_such(server):
+    """Cog's fetch is told the value only: the refusal reaches run(), which names the input it came as."""
+    message = named_image(failure(server, mode="lcm", control_image="data:image/png;base64,abc"))
+    assert message.startswith("control_image: 'data:image/png;base64,abc' is not a valid data URI"), message
 
 
 @pytest.fixture
@@ -151,8 +155,9 @@ def test_a_data_uri_over_the_size_limit_is_refused_while_it_is_written(predictor
     Predictor's setup installed: a 50 MiB request body is not worth sending in a test)."""
     big = data_uri(b"\0" * (MAX_INPUT_BYTES + 1))
     with pytest.raises(InputError) as err:
-        cog_inputs.fetch(big)
-    assert str(err.value).startswith("image: 'data:image/png;base64,AAAA") and "larger than 50 MiB" in str(err.value)
+        cog_inputs.received("control_image", cog_inputs.fetch(big))  # named by the input it came as
+    message = str(err.value)
+    assert message.startswith("control_image: 'data:image/png;base64,AAAA") and "larger than 50 MiB" in message
     assert not list(own_tmp.iterdir())  # its partial file removed
 
 
