@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 import typing
+import uuid
 from pathlib import Path
 
 import cog.types
@@ -55,7 +56,8 @@ class Refused(cog.types.Path):
 
     @classmethod
     def of(cls, source: str, problem: str) -> Refused:
-        refused = cls(os.devnull)
+        # A path no file has (Cog removes an input's file after the prediction: never name a real one here).
+        refused = cls(os.path.join(tempfile.gettempdir(), f"fast-sd-refused-{uuid.uuid4().hex}"))
         refused.source, refused.problem = source, problem
         return refused
 

@@ -203,3 +203,14 @@ def test_the_engine_names_image_for_a_file_it_cannot_read(tmp_path):
             assert str(err.value).startswith(f"image: {path.name!r} could not be read"), err.value
     with pytest.raises(InputError, match=r"^image: 42 is not a file; allowed: "):
         input_image_size(42)
+
+
+def test_a_refused_input_names_no_file_that_exists(server, predictor):
+    """Cog removes an input's file after the prediction: a value it could not fetch must not name a real file (one
+    did: /dev/null, removed by the server's clean-up)."""
+    before = set(Path(server.env["TMPDIR"]).iterdir())
+    failure(server, image="data:image/png;base64,abc")
+    assert Path(os.devnull).exists() and not Path(os.devnull).is_file()  # still the device, not removed or replaced
+    assert set(Path(server.env["TMPDIR"]).iterdir()) <= before
+    refused = cog_inputs.fetch("data:image/png;base64,abc")
+    assert isinstance(refused, cog_inputs.Refused) and not Path(refused).exists()

@@ -137,6 +137,7 @@ def test_the_warm_up_keeps_exactly_the_planned_residents(tiny_weights, monkeypat
     residency = p.engine.residency
     assert residency.plan.resident == tuple(wanted) and residency.moves == 0
     assert list(residency.recent) == wanted
+    assert p.engine.switches.graph_memory == residency.plan.graph_pool  # no graph larger than the pool counted
     planned = {id(m) for name in wanted for m in p.engine.modes[name].modules()} | {id(p.engine.safety.model)}
     assert residency.on_device == planned
     report = p.engine.speed["warmup"]
@@ -213,3 +214,26 @@ def test_the_compile_cache_lives_beside_the_weights_and_a_second_compile_reuses_
     assert any((weights / ".torch-compile" / "fxgraph").iterdir())
     mine = {"SPEED_COMPILE": "unet", "WEIGHTS_DIR": str(weights), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")}
     assert speed.Switches.from_env(CPU, mine).compile_cache == tmp_path / "mine"
+
+
+def test_a_roomy_budget_keeps_the_graphs_limit(tiny_weights, monkeypatch):
+    """Where the budget leaves the pool its full size, SPEED_GRAPH_MEMORY stands: the decoders' graphs, larger than
+    the UNet's estimate, are recorded too."""
+    from predict import Predictor
+
+    settings = {
+        "WEIGHTS_DIR": str(tiny_weights),
+        "WEIGHTS_OFFLINE": "1",
+        "ENABLED_MODES": "sd-turbo",
+        "DEVICE_MEMORY_BUDGET": "100GB",
+        "SPEED_WARMUP": "1",
+        "SPEED_CUDA_GRAPHS": "unet,vae",
+        "SPEED_GRAPH_BATCHES": "1",
+    }
+    for k, v in settings.items():
+        monkeypatch.setenv(k, v)
+    p = Predictor()
+    p.setup()
+    assert p.engine.residency.plan.graph_pool == p.engine.switches.graph_memory == Settings().speed_graph_memory
+    decoder = graphs.installed(p.engine.modes["sd-turbo"].txt2img.vae.decoder)
+    assert decoder is not None and decoder.entries  # recorded at setup

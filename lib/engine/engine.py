@@ -166,8 +166,9 @@ class Engine:
         engine = cls(modes, device, dtype, safety, None)
         if engine.controlnet:
             engine.depth = controls.DepthEstimator.load(weights_dir, device, dtype)
-        if switches.cuda_graphs and plan.budget is not None and plan.graph_pool < (switches.graph_memory or 2**63):
-            # The plan left the graphs less than SPEED_GRAPH_MEMORY: no graph may need more than that.
+        limit = switches.graph_memory
+        if switches.cuda_graphs and plan.budget is not None and limit is not None and plan.graph_pool < limit:
+            # The budget left the graphs less than SPEED_GRAPH_MEMORY: no graph may need more than that.
             log.info("memory: CUDA graphs up to %s each (what the budget leaves)", memory.human(plan.graph_pool))
             switches = dataclasses.replace(switches, graph_memory=plan.graph_pool)
         speed.optimize(engine, switches, dtypes, plan.resident)  # the SPEED_* switches; warm-up: Engine.warm_up
@@ -326,7 +327,8 @@ def plan_memory(
 ) -> memory.Plan:
     """The memory plan from the files' sizes and the models' configs, before anything is loaded
     (lib/engine/memory.py). `graph_shapes`: per mode, the (batch entries, width, height) its UNet's CUDA graphs
-    capture; the graphs share one pool, the size of the largest, and none larger than `graph_memory` is recorded.
+    capture; the graphs share one pool, the size of the largest, and none larger than `graph_memory` is recorded
+    (the pool is counted at that limit, or lower where the budget leaves less: Engine.load then lowers the limit).
     With `controlnet`, each mode's ControlNets count as its modules and the depth estimator as a module every mode
     uses."""
     check_present(weights_dir, mode_names, controlnet)  # one message for every missing file, before any is read
@@ -355,8 +357,10 @@ def plan_memory(
         biggest, images = SIZE_RANGE[1], NUM_OUTPUTS_RANGE[1]
         cfg = mode.uses_cfg(max(mode.guidance.values + (mode.guidance.range or ())))
         largest[name] = estimate.need(biggest, biggest, images, mode.steps.range[1], cfg)
+    # The pool holds the largest graph: up to `graph_memory` (no graph larger is recorded: the UNets', the decoders'
+    # and the text encoders' alike); without that limit, the UNets' largest graph by estimate.
     pool = max((memory.graph_pool_bytes(estimates[n], shapes) for n, shapes in (graph_shapes or {}).items()), default=0)
-    pool = pool if graph_memory is None else min(pool, graph_memory)
+    pool = pool if graph_memory is None or not graph_shapes else graph_memory
     always = frozenset()
     if safety_checker:
         sizes["safety_checker"] = memory.file_bytes(safety_file(weights_dir), loader.dtype)

@@ -272,13 +272,14 @@ def cap_allocator(device: torch.device, budget: int | None) -> None:
     device = torch.device(device)
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # the call takes no bare "cuda"
+    total = torch.cuda.get_device_properties(index).total_memory
     limit = total if budget is None else min(budget, total)
-    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
     if budget is None:
-        _cap.pop(device.index or 0, None)
+        _cap.pop(index, None)
     else:
-        _cap[device.index or 0] = limit
+        _cap[index] = limit
 
 
 def device_room(device: torch.device) -> int | None:
