@@ -383,3 +383,30 @@ def test_the_fast_path_covers_the_controlnets(engine, tiny_weights, photo, tmp_p
     got, _ = run_engine(fast, tmp_path / "fast", **inputs)
     plain, _ = run_engine(engine, tmp_path, **inputs)
     assert np.abs(got - plain).max() <= TOLERANCE
+
+
+def test_the_warm_up_records_graphs_for_one_and_two_controlnets(tiny_weights, photo, tmp_path):
+    """With graphs on, setup's warm-up runs the one- and the two-control paths: both ControlNets have their graphs
+    before a request, and a two-control request replays them with the images of the models as loaded."""
+    from lib.engine import controls, graphs, speed
+    from lib.engine.loading import load_modes
+
+    cpu = torch.device("cpu")
+    modes = load_modes(tiny_weights, ["lcm-lora-sd15"], cpu, torch.float32, controlnet=True)
+    fast = Engine(modes, cpu, torch.float32)
+    fast.depth = controls.DepthEstimator.load(tiny_weights, cpu, torch.float32)
+    switches = speed.Switches.from_env(
+        cpu, {"SPEED_CUDA_GRAPHS": "unet", "SPEED_GRAPH_BATCHES": "1", "SPEED_WARMUP": "1"}
+    )
+    speed.optimize(fast, switches)
+    fast.warm_up()
+    nets = fast.modes["lcm-lora-sd15"].controlnets
+    assert set(nets) == {"canny", "depth"}
+    for net, module in nets.items():
+        assert graphs.installed(module).entries, f"the {net} ControlNet has no recorded graph"
+    inputs = dict(mode="lcm-lora-sd15", control_image=photo, control_2_type="depth")
+    got, _ = run_engine(fast, tmp_path, **inputs)
+    with graphs.eager():
+        (tmp_path / "eager").mkdir()
+        plain, _ = run_engine(fast, tmp_path / "eager", **inputs)
+    assert np.abs(got - plain).max() <= TOLERANCE

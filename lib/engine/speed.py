@@ -549,7 +549,11 @@ def _warm_up_jobs(engine, name: str, img2img: bool, sizes, image_module, tmp: st
             disable_safety_checker=True,
         )
         jobs.append(engine.job(request, tmp, picture=image_module.new("RGB", (size, size), (128, 128, 128))))
-    if loaded.controlnets:  # CONTROLNET=1: the ControlNet path too, recorded before a request
+    # CONTROLNET=1: the ControlNet paths too, one control and two (each ControlNet's own graphs, and the batches the
+    # two-control path calls them with), recorded before a request.
+    grey = image_module.new("RGB", (size, size), (128, 128, 128))
+    controls = [("control", "edge_map"), ("control_2", "depth_map")] if loaded.controlnets else []
+    for n in range(1, len(controls) + 1):
         request = resolve_request(
             enabled=engine.enabled,
             prompt="warm-up",
@@ -557,12 +561,11 @@ def _warm_up_jobs(engine, name: str, img2img: bool, sizes, image_module, tmp: st
             seed=0,
             width=size,
             height=size,
-            controls=[{"name": "control", "kind": "edge_map", "size": (size, size)}],
+            controls=[{"name": c, "kind": kind, "size": (size, size)} for c, kind in controls[:n]],
             controlnet=True,
             disable_safety_checker=True,
         )
-        grey = image_module.new("RGB", (size, size), (128, 128, 128))
-        jobs.append(engine.job(request, tmp, control_pictures=[grey]))
+        jobs.append(engine.job(request, tmp, control_pictures=[grey] * n))
     return jobs
 
 
