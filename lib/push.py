@@ -377,13 +377,16 @@ class Push:
         return {**SMOKE_INPUT, "mode": self.modes[0]}
 
     def push(self) -> str:
-        config = push_config(self.modes)
-        (ROOT / PUSH_CONFIG).write_text(config)
+        config = ROOT / PUSH_CONFIG
+        config.write_text(push_config(self.modes))
         cmd = ["cog", "push", self.image, "-f", PUSH_CONFIG] + (
             ["--separate-weights"] if self.args.bake_weights else []
         )
-        with baked_context(self.modes) if self.args.bake_weights else contextlib.nullcontext():
-            r = subprocess.run(cmd, cwd=ROOT)
+        try:
+            with baked_context(self.modes) if self.args.bake_weights else contextlib.nullcontext():
+                r = subprocess.run(cmd, cwd=ROOT)
+        finally:
+            config.unlink(missing_ok=True)  # for this push only
         if r.returncode:
             raise Failed(f"`{shlex.join(cmd)}` failed (exit {r.returncode})")
         return f"pushed {self.image} serving {', '.join(self.modes)}"
