@@ -127,7 +127,7 @@ def test_every_bad_image_is_an_error_naming_image_and_what_is_allowed(server, va
     if value == "@404":
         value = f"{server.files_url}/inputs/no-such-photo.png"
     if not isinstance(value, str):  # the bundled schema (a string, format uri) refuses it before the predictor runs
-        code, body = server.request("POST", "/predictions", {"input": {**BASE, "image": value}})
+        code, body = server.post({**BASE, "image": value})
         assert code == 422 and {tuple(d["loc"]) for d in body["detail"]} == {("body", "input", "image")}, body
         assert server.settled_status() == "READY"
         return

@@ -205,7 +205,7 @@ def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files,
         code, text = server.request("POST", "/predictions", {"input": body})
         assert code == 400 and f"input.{named}" in text, (code, text)
     else:
-        code, p = server.request("POST", "/predictions", {"input": body})
+        code, p = server.post(body)
         if code == 422:  # coglet refused it against the bundled schema (its bounds, enums and types)
             assert {tuple(d["loc"]) for d in p["detail"]} == {("body", "input", named)}, p
         else:  # the engine's own check: the second guard, for what the schema cannot say
@@ -227,7 +227,7 @@ def test_invalid_input_fails_naming_it_and_the_server_stays_ready(server, files,
 def test_coglet_refuses_what_the_schema_rules_out_naming_the_input(server, inputs, message):
     """The schema `cog build` bundles (tests/test_cog_schema.py) is the one the server checks requests against: an
     out-of-range or off-list value never reaches the predictor."""
-    code, body = server.request("POST", "/predictions", {"input": {"prompt": "a cat", **inputs}})
+    code, body = server.post({"prompt": "a cat", **inputs})
     assert code == 422, body
     (detail,) = body["detail"]
     assert detail["loc"] == ["body", "input", *inputs] and detail["msg"].startswith(message), detail
@@ -240,7 +240,7 @@ def test_the_engine_still_guards_what_the_schema_cannot_say(server):
         (dict(width=260), "width"),
         (dict(mode="sd-turbo", num_inference_steps=5), "num_inference_steps"),
     ):
-        code, p = server.request("POST", "/predictions", {"input": {"prompt": "a cat", **inputs}})
+        code, p = server.post({"prompt": "a cat", **inputs})
         assert code == 200 and p["status"] == "failed" and input_error(p).startswith(f"{named}:"), p
 
 

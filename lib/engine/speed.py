@@ -534,38 +534,30 @@ def _warm_up_jobs(engine, name: str, img2img: bool, sizes, image_module, tmp: st
                 **extra,
             )
             jobs.append(engine.job(request, tmp))
+    grey = image_module.new("RGB", (size, size), (128, 128, 128))
+
+    def at_size(**extra):  # a request at the mode's size, as a picture or a control brings it
+        return resolve_request(
+            enabled=engine.enabled,
+            prompt="warm-up",
+            mode=name,
+            seed=0,
+            width=size,
+            height=size,
+            disable_safety_checker=True,
+            **extra,
+        )
+
     if img2img:
         tiny = loaded.tiny_vae is not None
-        request = resolve_request(
-            enabled=engine.enabled,
-            prompt="warm-up",
-            mode=name,
-            seed=0,
-            width=size,
-            height=size,
-            image_size=(size, size),
-            fast_decode=tiny,
-            fast_encode=tiny,
-            disable_safety_checker=True,
-        )
-        jobs.append(engine.job(request, tmp, picture=image_module.new("RGB", (size, size), (128, 128, 128))))
+        request = at_size(image_size=(size, size), fast_decode=tiny, fast_encode=tiny)
+        jobs.append(engine.job(request, tmp, picture=grey))
     # CONTROLNET=1: the ControlNet paths too, one control and two (each ControlNet's own graphs, and the batches the
     # two-control path calls them with), recorded before a request.
-    grey = image_module.new("RGB", (size, size), (128, 128, 128))
     controls = [("control", "edge_map"), ("control_2", "depth_map")] if loaded.controlnets else []
     for n in range(1, len(controls) + 1):
-        request = resolve_request(
-            enabled=engine.enabled,
-            prompt="warm-up",
-            mode=name,
-            seed=0,
-            width=size,
-            height=size,
-            controls=[{"name": c, "kind": kind, "size": (size, size)} for c, kind in controls[:n]],
-            controlnet=True,
-            disable_safety_checker=True,
-        )
-        jobs.append(engine.job(request, tmp, control_pictures=[grey] * n))
+        specs = [{"name": c, "kind": kind, "size": (size, size)} for c, kind in controls[:n]]
+        jobs.append(engine.job(at_size(controls=specs, controlnet=True), tmp, control_pictures=[grey] * n))
     return jobs
 
 

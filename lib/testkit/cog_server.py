@@ -107,18 +107,22 @@ class CogServer(ServerProcess):
         return requests.get(self.url + "/health-check", timeout=5).json()
 
     def predict(self, timeout: float = 120, busy_for: float = 5, **input) -> dict:
-        """A sync prediction; returns the prediction object (status succeeded, failed or canceled). The server
-        has no queue: while its slot is busy it answers 409, which is retried for up to `busy_for` seconds
-        (a slot frees a moment after its terminal webhook). `self.last_busy` is how long that took."""
+        """A sync prediction; returns the prediction object (status succeeded, failed or canceled)."""
+        code, body = self.post(input, timeout, busy_for)
+        assert code == 200, (code, body)
+        return body
+
+    def post(self, input: dict, timeout: float = 120, busy_for: float = 5) -> tuple[int, dict | str]:
+        """POST a sync prediction: (status code, body), a 422 as the server answers it. The server has no queue:
+        while its slot is busy it answers 409, which is retried for up to `busy_for` seconds (a slot frees a moment
+        after its terminal webhook). `self.last_busy` is how long that took."""
         started, self.last_busy = time.monotonic(), 0.0
         while True:
             code, body = self.request("POST", "/predictions", {"input": input}, timeout=timeout)
             if code != 409 or time.monotonic() - started > busy_for:
-                break
+                return code, body
             self.last_busy = time.monotonic() - started
             time.sleep(0.01)
-        assert code == 200, (code, body)
-        return body
 
     def start_async(self, prediction_id: str, webhook: str, events=None, **input) -> dict:
         payload = {"id": prediction_id, "input": input, "webhook": webhook}
@@ -178,6 +182,27 @@ class Event:
     body: dict
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def ok(self, **headers) -> None:
+        """200 with an empty body (and `headers`)."""
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def serve(handler) -> http.server.ThreadingHTTPServer:
+    """`handler` on a loopback port, in a thread of its own (stop it with shutdown() and server_close())."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 class WebhookSink:
     """Records every webhook POSTed to it; tests wait on conditions over what arrived."""
 
@@ -186,23 +211,16 @@ class WebhookSink:
         self.cond = threading.Condition()
         sink = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with sink.cond:
                     sink.events.append(Event(time.monotonic(), {k.lower(): v for k, v in self.headers.items()}, body))
                     sink.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.ok()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -243,24 +261,16 @@ class UploadSink:
         self.lock = threading.Lock()
         sink = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_PUT(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with sink.lock:
                     sink.files[self.path] = body
-                self.send_response(200)
-                self.send_header("Location", f"{sink.base}{self.path}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.ok(Location=f"{sink.base}{self.path}")
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve(Handler)
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.url = f"{self.base}/upload/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def get(self, url: str) -> bytes:
         """The bytes uploaded to `url` (an output URL the server reported)."""
