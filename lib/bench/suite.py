@@ -499,11 +499,11 @@ def main(argv=None) -> dict:
 
 def choose_runtime(parser, args) -> tuple[torch.device, torch.dtype]:
     """The device and dtype, and the defaults that depend on them, filled into `args`."""
-    from lib.engine.loading import choose_device
+    from lib.engine import devices
     from lib.engine.modes import MODES
     from lib.engine.precision import choose as choose_precision
 
-    device = choose_device()
+    device = devices.choose_from_env()[0]
     dtype = choose_precision(device, requested=Settings().model_dtype).model
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32

@@ -21,7 +21,6 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from lib.engine import devices
 from lib.engine.modes import (
     CONTROL_PIPELINE_CLASSES,
     CONTROLNET,
@@ -93,11 +92,6 @@ class LoadedMode:
                 getattr(diffusers, name), self.txt2img, controlnet=modules[0] if len(modules) == 1 else modules
             )
         return self._control_pipes[key]
-
-
-def choose_device() -> torch.device:
-    """MODEL_DEVICE where set, else CUDA, else MPS, else the CPU (lib/engine/devices.py)."""
-    return devices.choose_from_env()[0]
 
 
 def repo_dir(weights_dir: Path, repo: Repo) -> Path:

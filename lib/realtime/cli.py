@@ -21,9 +21,9 @@ TOKEN_HINT = "export REALTIME_TOKEN=$(python3 -c 'import secrets; print(secrets.
 def use_fast_path() -> None:
     """On CUDA, the realtime defaults (before the engine reads its settings; SPEED_CUDNN_BENCHMARK=0 turns it off): one
     fixed size per mode, so cuDNN's autotuning per shape pays off (CUDA graphs are on for every CUDA engine)."""
-    from lib.engine.loading import choose_device
+    from lib.engine import devices
 
-    if choose_device().type == "cuda":
+    if devices.choose_from_env()[0].type == "cuda":
         os.environ.setdefault("SPEED_CUDNN_BENCHMARK", "1")
 
 
