@@ -5,7 +5,8 @@ From the weights manifest (and its lock): each file's size, or its `approx_size`
 exact size is not known yet; files with the same sha256 count once (the cache stores and fetches them once). setup()
 downloads, loads and warms up every enabled mode, so the estimate is
 
-    download (bytes / bandwidth) + load (bytes / LOAD_RATE) + warm-up (WARMUP_SECONDS per mode)
+    download (bytes / bandwidth) + load (bytes / LOAD_RATE) + warm-up (WARMUP_SECONDS per mode, at most the
+    warm-up's own budget, SPEED_WARMUP_SECONDS as the image has it: past it setup stops warming up)
 
 and a plan fits when it leaves BOOT_MARGIN of the limit free. scripts/push.py refuses a plan that does not fit, with
 these numbers (docs/serving.md).
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.engine.modes import MODES, all_repos
+from lib.settings import Settings
 from lib.weights.manifest import Lock, load_manifest, lock_path, manifest_path_from_env, plan
 
 BOOT_LIMIT_S = 600  # Replicate fails a boot whose setup() has not finished by then
@@ -62,7 +64,7 @@ class BootPlan:
 
     @property
     def warmup_s(self) -> float:
-        return WARMUP_SECONDS * len(self.modes)
+        return min(WARMUP_SECONDS * len(self.modes), Settings({}).speed_warmup_seconds)
 
     @property
     def boot_s(self) -> float:
@@ -87,7 +89,8 @@ class BootPlan:
             else f"download {gb(self.download_bytes)} at {self.bandwidth / 1e6:.0f} MB/s: {self.download_s:.0f} s"
         )
         return (
-            f"{fetch}; load {self.load_s:.0f} s; warm-up {self.warmup_s:.0f} s ({WARMUP_SECONDS} s per mode): "
+            f"{fetch}; load {self.load_s:.0f} s; warm-up {self.warmup_s:.0f} s ({WARMUP_SECONDS} s per mode, at most "
+            f"{Settings({}).speed_warmup_seconds:g} s): "
             f"about {self.boot_s:.0f} s of Replicate's {BOOT_LIMIT_S} s boot limit "
             f"(a plan must stay under {self.allowed_s:.0f} s, {BOOT_MARGIN:.0%} kept free)"
         )

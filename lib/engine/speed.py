@@ -44,8 +44,9 @@ where they have attention (diffusers fuses per attention layer), and compiling a
   failing setup. Modes kept in host memory are not warmed and run as loaded: a graph holds its weights' device
   addresses, which a move changes, and the move itself (seconds) outweighs what graphs save. After the warm-up
   exactly the planned modes are on the device, and torch never compiles on a request (`graphs.seal`).
-- SPEED_ENCODE_THREADS (min(4, cores)): image files are encoded in these threads, off the critical path
-  (0: inline). SPEED_WEBP_METHOD (0): libwebp effort; 0 is 4x faster than 4 at 512px, same PSNR, +12% bytes.
+- SPEED_ENCODE_THREADS (min(16, cores)): image files are encoded in these threads, a batch's images at once, off
+  the critical path (0: inline). SPEED_WEBP_METHOD (0): libwebp effort; 0 is 4x faster than 4 at 512px, same PSNR,
+  +12% bytes.
   (Both read by lib/engine/images.py.)
 
 On MPS (Apple silicon) the defaults are the CPU's, and what only CUDA has (TF32, cuDNN autotuning, CUDA graphs, the
